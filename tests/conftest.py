@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Llama models (seconds to build, CPU)."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
+
+CORPUS = [
+    "Question: Where was Alia Verne born?\nAnswer: Alia Verne was born in Port Lumen.",
+    "Question: What genre does Tomas Reed write?\nAnswer: Tomas Reed writes mystery novels.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France. Canberra is the capital of Australia.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def make_tiny_llama(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    """A random-init Llama (hidden 32, 2 layers by default) matching ``tokenizer``."""
+    spec = TinyLlamaSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    for k, v in overrides.items():
+        setattr(spec, k, v)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(tokenizer, spec)).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_llama(tokenizer)
