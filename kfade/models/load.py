@@ -1,0 +1,44 @@
+"""Load a causal LM and its tokenizer by Hub id or local path, in a given dtype, on a given device."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kfade.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(key, name, f"unknown dtype; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_source(path: str, key: str = "model.path") -> None:
+    """A local path must exist and hold a config; anything else must look like a Hub id (``org/name``)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(key, path, "directory has no config.json (not a saved Hugging Face model)")
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        if not any((local / f).is_file() for f in tokenizer_files):
+            raise ConfigError(key, path, "model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    elif path.startswith((".", "/", "~")) or not HUB_ID.match(path):
+        raise ConfigError(key, path, "no such local path, and not a Hub id of the form org/name")
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path"):
+    """Return ``(model, tokenizer)`` in eval mode; the tokenizer gets a pad token (EOS) if it has none."""
+    check_source(path, key)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,61 @@
+"""The embedded benchmarks' models: a tokenizer and tiny Llamas trained from scratch, cached by fingerprint.
+
+One recipe trains both models of a pair: the *reference* model (on everything, the model to unlearn) and the
+*retrain* baseline (on the retain part only, the gold standard). Each is saved with ``save_pretrained`` under
+``cache_dir()/models/<tag>-<fingerprint of data + tokenizer + spec + recipe>`` so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
+from kfade.data.formatting import QAFormatter, pad_id
+from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
+from kfade.models.train import TrainRecipe, train_causal_lm
+
+
+def mini_tokenizer(texts: Sequence[str], vocab_size: int) -> Path:
+    """Directory of a BPE tokenizer trained on ``texts`` (cached; the same texts give the same tokenizer)."""
+    path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{fingerprint(list(texts))}"
+    if not (path / "tokenizer.json").is_file():
+        with atomic_path(path) as tmp:
+            train_tokenizer(texts, vocab_size).save_pretrained(tmp)
+    return path
+
+
+def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], texts: Sequence[str],
+                       spec: TinyLlamaSpec, recipe: TrainRecipe, progress: bool = True) -> Path:
+    """Directory of a tiny Llama trained on ``qa_rows`` (answer-token loss) and ``texts`` (all tokens); cached.
+
+    ``train_stats.json`` beside the weights records epochs, final loss and label-token accuracy.
+    """
+    key = {"qa": [(r["question"], r["answer"]) for r in qa_rows], "texts": list(texts),
+           "tokenizer": tokenizer_dir.name, "spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe)}
+    path = cache_dir() / "models" / f"{tag}-{fingerprint(key)}"
+    if (path / "train_stats.json").is_file():
+        return path
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    formatter = QAFormatter(tokenizer)
+    features = [formatter.encode(r["question"], r["answer"]) for r in qa_rows]
+    features += [formatter.encode_text(t) for t in texts]
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, spec))
+    stats = train_causal_lm(model, features, pad_id(tokenizer), recipe, progress=progress)
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_stats.json", {"tag": tag, **dataclasses.asdict(stats)})
+    return path
+
+
+def train_stats(model_dir: str | Path) -> dict:
+    """The ``train_stats.json`` of a tiny model directory (empty dict for other models)."""
+    f = Path(model_dir) / "train_stats.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

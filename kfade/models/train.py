@@ -1,0 +1,94 @@
+"""Plain causal-LM training (AdamW, answer-token loss) that stops once the training answers are memorised."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kfade.data.formatting import collate
+from kfade.errors import ConfigError
+
+
+@dataclass
+class TrainRecipe:
+    """How the tiny models are trained (the reference and the retrain baseline share it)."""
+
+    max_epochs: int = 200  # upper bound on passes over the data
+    lr: float = 3e-3  # AdamW peak learning rate (linear warm-up, then constant)
+    warmup_steps: int = 30  # optimizer steps of linear warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    batch_size: int = 32  # sequences per step
+    target_accuracy: float = 0.99  # stop when an epoch's label-token argmax accuracy reaches this (memorised)
+    seed: int = 0  # init and shuffling seed
+
+    def validate(self) -> None:
+        for key in ("max_epochs", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.recipe.{key}", getattr(self, key), "must be > 0")
+        if not self.lr > 0:
+            raise ConfigError("model.recipe.lr", self.lr, "must be > 0")
+        if not 0 < self.target_accuracy <= 1:
+            raise ConfigError("model.recipe.target_accuracy", self.target_accuracy, "must be in (0, 1]")
+
+
+@dataclass
+class TrainStats:
+    epochs: int  # epochs run
+    loss: float  # mean label-token NLL over the last epoch (nats)
+    accuracy: float  # label-token argmax accuracy over the last epoch
+    seconds: float
+
+
+def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: TrainRecipe,
+                    progress: bool = True) -> TrainStats:
+    """Train a Llama-style ``model`` (``.model`` body + ``.lm_head``) in place on encoded ``features`` with the mean
+    label-token NLL (nats).
+
+    Stops at the first epoch whose running accuracy reaches ``recipe.target_accuracy``: training on to zero loss
+    saturates the softmax and the Fisher of the retain set vanishes, leaving curvature nothing to measure.
+    """
+    recipe.validate()
+    start = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup_steps)))
+    model.train()
+    bar = tqdm(range(recipe.max_epochs), desc="train", disable=not progress, leave=False)
+    loss = acc = math.nan
+    epoch = 0
+    for epoch in bar:
+        tot_loss = tot_correct = tot_tokens = 0.0
+        for batch in length_buckets(features, recipe.batch_size, pad_token_id, seed=recipe.seed * 100_003 + epoch):
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            logits = model.lm_head(hidden[:, :-1][mask]).float()  # the vocabulary projection at label tokens only
+            nll = torch.nn.functional.cross_entropy(logits, labels[mask])
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            opt.step()
+            sched.step()
+            n = int(mask.sum())
+            tot_loss += float(nll.detach()) * n
+            tot_tokens += n
+            tot_correct += float((logits.argmax(-1) == labels[mask]).sum())
+        loss, acc = tot_loss / tot_tokens, tot_correct / tot_tokens
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+        if acc >= recipe.target_accuracy:
+            break
+    model.eval()
+    return TrainStats(epochs=epoch + 1, loss=loss, accuracy=acc, seconds=time.perf_counter() - start)
+
+
+def length_buckets(features: Sequence[dict], batch_size: int, pad_token_id: int, seed: int) -> list[dict]:
+    """Batches of similar-length sequences (little padding), in a seeded random order; a new grouping per seed."""
+    gen = torch.Generator().manual_seed(seed)
+    jitter = torch.rand(len(features), generator=gen)
+    order = sorted(range(len(features)), key=lambda i: (len(features[i]["input_ids"]), float(jitter[i])))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [collate([features[j] for j in chunks[k]], pad_token_id)
+            for k in torch.randperm(len(chunks), generator=gen).tolist()]
