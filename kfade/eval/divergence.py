@@ -1,0 +1,38 @@
+"""Output-space distance to a reference (retrained) model: mean per-token KL(p_reference ‖ p_model).
+
+KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) in nats, over the next-token distributions at every label token
+(labels ≠ -100) of the batches, averaged over all those tokens. Logits are upcast to fp32 before the softmax,
+so the two models may have any dtypes (and devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kfade.errors import ConfigError
+from kfade.eval.modes import evaluating
+from kfade.eval.scoring import label_token_logits
+
+
+def mean_token_kl(reference_model: torch.nn.Module, model: torch.nn.Module,
+                  batches: Iterable[dict[str, torch.Tensor]], progress: bool = False) -> float:
+    """Mean over label tokens of KL(p_reference ‖ p_model), nats per token."""
+    total, tokens = 0.0, 0
+    with evaluating(reference_model, model):
+        for batch in tqdm(batches, desc="KL to reference", disable=not progress, leave=False):
+            reference_logits = label_token_logits(reference_model, batch)[0]
+            logits = label_token_logits(model, batch)[0].to(reference_logits.device)
+            if logits.shape[-1] != reference_logits.shape[-1]:
+                raise ConfigError("model", logits.shape[-1], "vocabulary size differs from the reference "
+                                  f"model's ({reference_logits.shape[-1]})")
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference_logits, -1), log_target=True,
+                          reduction="none").sum(-1)
+            total += kl.double().sum().item()
+            tokens += kl.numel()
+    if tokens == 0:
+        raise ConfigError("batches", tokens, "no label tokens (labels all -100): the mean KL is undefined")
+    return total / tokens

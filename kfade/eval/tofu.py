@@ -1,0 +1,177 @@
+"""TOFU evaluation: per-item metrics, registered by name, fill TOFU's per-set eval logs (see ``tofu_logs``).
+
+A metric is a function ``EvalSet -> {log field: per-item values}``. ``prob`` writes the answer losses
+(``avg_gt_loss`` …; on real authors / world facts also the perturbed losses and ``normalized_gt_loss``),
+``truth_ratio`` the paraphrased and perturbed losses and R, ``rouge`` the greedy generations and their ROUGE
+recalls. Losses are computed once per set and shared between metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kfade.data.formatting import QAFormatter
+from kfade.errors import ConfigError
+from kfade.eval.generation import greedy_generate
+from kfade.eval.modes import evaluating
+from kfade.eval.scoring import answer_losses, grouped_answer_losses
+from kfade.eval.tofu_logs import NORMALIZED_PROB_SETS
+from kfade.eval.tofu_stats import normalized_probabilities, rouge_recalls, truth_ratios
+
+EVAL_SETS = {  # eval set name -> TofuData attribute holding its rows
+    "forget": "forget_perturbed",
+    "retain": "retain_perturbed",
+    "real_authors": "real_authors",
+    "world_facts": "world_facts",
+}
+
+
+@dataclass
+class EvalSet:
+    """One TOFU eval set being scored by ``model``; each kind of per-item loss is computed at most once."""
+
+    name: str  # eval set name (a key of EVAL_SETS)
+    source: str  # where the rows came from (TofuData.source), named in errors
+    rows: list[dict]  # question, answer[, paraphrased_answer][, perturbed_answer (list)]
+    model: torch.nn.Module
+    formatter: QAFormatter
+    batch_size: int  # sequences per forward pass
+    max_new_tokens: int  # generation length cap, tokens
+    progress: bool  # show tqdm bars
+
+    @cached_property
+    def questions(self) -> list[str]:
+        return [row["question"] for row in self.rows]
+
+    @cached_property
+    def answers(self) -> list[str]:
+        return [row["answer"] for row in self.rows]
+
+    def _losses(self, answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return answer_losses(self.model, self.formatter, self.questions, answers, self.batch_size,
+                             self.progress)
+
+    @cached_property
+    def answer_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean token NLL of each answer and its token count."""
+        return self._losses(self.answers)
+
+    @cached_property
+    def paraphrased_losses(self) -> tuple[np.ndarray, np.ndarray]:
+        """As ``answer_losses`` for the paraphrased answers (the answers themselves where there are none)."""
+        if all("paraphrased_answer" in row for row in self.rows):
+            return self._losses([row["paraphrased_answer"] for row in self.rows])
+        return self.answer_losses
+
+    @cached_property
+    def perturbed_losses(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per item: mean token NLL of each perturbed answer and their token counts."""
+        if not all(row.get("perturbed_answer") for row in self.rows):
+            raise ConfigError("dataset.source", self.source, f"{EVAL_SETS[self.name]} rows lack "
+                              "perturbed_answer lists (needed by truth ratio and normalised probability)")
+        groups = [row["perturbed_answer"] for row in self.rows]
+        return grouped_answer_losses(self.model, self.formatter, self.questions, groups, self.batch_size,
+                                     self.progress)
+
+    @cached_property
+    def generations(self) -> list[str]:
+        return greedy_generate(self.model, self.formatter, self.questions, self.max_new_tokens,
+                               self.batch_size, self.progress)
+
+
+Metric = Callable[[EvalSet], dict[str, list]]
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str) -> Callable[[Metric], Metric]:
+    """Decorator: register a per-item metric under ``name`` (selectable in ``eval.metrics``)."""
+    def register(fn: Metric) -> Metric:
+        if name in METRICS:
+            raise ConfigError("eval.metrics", name, "a metric with this name is already registered")
+        METRICS[name] = fn
+        return fn
+    return register
+
+
+def _perturbed_fields(eval_set: EvalSet) -> dict[str, list]:
+    losses, counts = eval_set.perturbed_losses
+    return {
+        "average_perturb_loss": [item.tolist() for item in losses],
+        "perturb_loss": [(item * n).tolist() for item, n in zip(losses, counts, strict=True)],
+        "num_token_perturb": [n.tolist() for n in counts],
+    }
+
+
+@register_metric("prob")
+def probability_fields(eval_set: EvalSet) -> dict[str, list]:
+    """Answer losses (P̄(a) = exp(−avg_gt_loss)); normalised against perturbed answers where TOFU does."""
+    losses, counts = eval_set.answer_losses
+    fields = {"avg_gt_loss": losses.tolist(), "gt_loss": (losses * counts).tolist(),
+              "num_token_gt": counts.tolist()}
+    if eval_set.name in NORMALIZED_PROB_SETS:
+        fields.update(_perturbed_fields(eval_set))
+        normalized = normalized_probabilities(losses, eval_set.perturbed_losses[0])
+        fields["normalized_gt_loss"] = (-np.log(normalized)).tolist()
+    return fields
+
+
+@register_metric("truth_ratio")
+def truth_ratio_fields(eval_set: EvalSet) -> dict[str, list]:
+    """Paraphrased and perturbed answer losses and the per-item truth ratio R."""
+    losses, counts = eval_set.paraphrased_losses
+    perturbed = _perturbed_fields(eval_set)
+    return {
+        "avg_paraphrased_loss": losses.tolist(),
+        "paraphrased_loss": (losses * counts).tolist(),
+        "num_token_paraphrased": counts.tolist(),
+        **perturbed,
+        "truth_ratio": truth_ratios(losses, perturbed["average_perturb_loss"]).tolist(),
+    }
+
+
+@register_metric("rouge")
+def rouge_fields(eval_set: EvalSet) -> dict[str, list]:
+    """Greedy generations ([prompt, generation, answer]) and their ROUGE-1 / ROUGE-L recall."""
+    generations = eval_set.generations
+    recalls = rouge_recalls(generations, eval_set.answers)
+    prompts = [eval_set.formatter.prompt(q) for q in eval_set.questions]
+    return {
+        "generated_text": [list(t) for t in zip(prompts, generations, eval_set.answers, strict=True)],
+        "rouge1_recall": recalls["rouge1"],
+        "rougeL_recall": recalls["rougeL"],
+    }
+
+
+def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
+                  metrics: Sequence[str] = ("prob", "truth_ratio", "rouge"), batch_size: int = 32,
+                  max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
+    """TOFU's four eval logs ``{set name: {field: {item index: value}}}`` of ``model`` on ``data`` (TofuData).
+
+    Sets: forget and retain (their ``*_perturbed`` rows), real authors, world facts. The model runs in eval
+    mode without gradients; its training flags are restored afterwards.
+    """
+    for name in metrics:
+        if name not in METRICS:
+            raise ConfigError("eval.metrics", name, f"unknown metric; known: {', '.join(sorted(METRICS))}")
+    formatter = QAFormatter(tokenizer)
+    logs: dict[str, dict] = {}
+    with evaluating(model):
+        for set_name, attribute in tqdm(EVAL_SETS.items(), desc="TOFU eval", disable=not progress):
+            rows = list(getattr(data, attribute))
+            if not rows:
+                raise ConfigError("dataset.source", data.source,
+                                  f"{attribute} is empty: TOFU evaluation needs all four eval sets")
+            eval_set = EvalSet(set_name, data.source, rows, model, formatter, batch_size, max_new_tokens,
+                               progress)
+            log: dict[str, dict] = {}
+            for name in metrics:
+                for field, values in METRICS[name](eval_set).items():
+                    log[field] = {str(i): value for i, value in enumerate(values)}
+            logs[set_name] = log
+    return logs
