@@ -1,0 +1,36 @@
+# K-FADE — the commands. `.venv` is created on first use: torch first (pinned; override with
+# TORCH="torch==2.13.0 --index-url <cuda index>" on a GPU box), then the package with its dev extras.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: demo test lint bench report clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
+	$(PY) experiments/demo.py
+
+test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
+	$(PY) -m pytest tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed  ## timing ratios measured side by side (see README: Performance)
+	$(PY) benchmarks/bench_curvature.py
+	$(PY) benchmarks/bench_unlearn.py
+
+report: $(VENV)/.installed  ## table + Pareto plot of the newest multirun (or DIR=...)
+	$(PY) experiments/report.py $(or $(DIR),$$(ls -dt multirun/*/* | head -1))
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,119 @@
+"""Hydra entry point: data → models → (curvature →) unlearning → evaluation → tracking.
+
+    python experiments/run.py                                   # experiment=mini_tofu: K-FADE (EK-FAC) on mini-TOFU
+    python experiments/run.py method=grad_ascent                # a baseline, same data and evaluation
+    python experiments/run.py method=none noise_floor=true      # only the reference / retrain models
+    python experiments/run.py -m method.step_size=0.01,0.02 damping.damping=0.01,0.1   # a sweep (one curvature fit)
+
+Every run writes ``results.json`` (flat keys) in its run directory; bad config is one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import hydra
+import transformers
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed
+
+from kfade.cache import cache_dir
+from kfade.curvature import CurvatureConfig, model_fingerprint
+from kfade.errors import ConfigError
+from kfade.suites import build_suite
+from kfade.tracking import make_tracker, write_results
+from kfade.unlearn import METHODS, build_method, compute_delta, save_delta
+
+
+def print_table(results: dict, rows: list[str], keys: list[str]) -> None:
+    """The headline metrics, one row per model (``reference``, ``retrain``, …, and the ``unlearned`` one)."""
+    print("\n| model | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+    for row in rows:
+        prefix = "" if row == "unlearned" else f"{row}/"
+        cells = [results.get(prefix + k) for k in keys]
+        print(f"| {row} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cells) + " |")
+
+
+def hyperparameters(method_cfg, curvature: CurvatureConfig | None) -> dict:
+    hp = {f"hp/{k}": v for k, v in vars(method_cfg).items() if k != "name"}
+    if curvature is not None:
+        hp |= {f"hp/curvature/{k}": v for k, v in vars(curvature).items()}
+    return hp
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    model_cfg = typed(cfg.model, ModelConfig, "model")
+    dataset_cfg = typed(cfg.dataset, DatasetConfig, "dataset")
+    eval_cfg = typed(cfg.eval, EvalConfig, "eval")
+    logger_cfg = typed(cfg.logger, LoggerConfig, "logger")
+    method_name = cfg.method.name
+    if method_name != "none" and method_name not in METHODS:
+        raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
+
+    group = logger_cfg.group
+    if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+        group = Path(HydraConfig.get().sweep.dir).name  # every job of one --multirun shares a W&B group
+    tracker = make_tracker(logger_cfg.kind, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                           logger_cfg.project, logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
+                           name=HydraConfig.get().job.override_dirname or None)
+    with tracker:
+        t0 = time.perf_counter()
+        suite, results = build_suite(model_cfg, dataset_cfg, eval_cfg, cfg.noise_floor, cfg.progress)
+        results["time/prepare_s"] = time.perf_counter() - t0
+        rows = ["reference", "retrain"] + (["noise_floor"] if cfg.noise_floor else [])
+        results["method"] = method_name
+        if method_name != "none":
+            results |= unlearn(cfg, suite, run_dir, tracker)
+            rows.append("unlearned")
+        write_results(run_dir, results)
+        tracker.summary(results)
+    print_table(results, rows, suite.headline_keys())
+    print(f"\nresults: {run_dir / 'results.json'}")
+    return results
+
+
+def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
+    """Run the method on a copy of the reference model; save its delta and score it."""
+    config_cls, _ = METHODS[cfg.method.name]
+    method_cfg = typed(cfg.method, config_cls, "method")
+    curvature = typed(OmegaConf.merge(cfg.curvature, cfg.damping), CurvatureConfig, "curvature")
+    method = build_method(cfg.method.name, method_cfg, curvature=curvature, cache_root=str(cache_dir() / "curvature"),
+                          progress=cfg.progress)
+    model = copy.deepcopy(suite.reference)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t0 = time.perf_counter()
+    history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
+    elapsed = time.perf_counter() - t0
+    timings = getattr(method, "timings", {})
+    delta_path = run_dir / "delta.safetensors"
+    save_delta(delta_path, compute_delta(before, model),
+               {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
+    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
+    metrics, record = suite.score(model)
+    suite.save_record(record, run_dir)
+    uses_curvature = getattr(method, "uses_curvature", False)
+    return {**metrics, **hyperparameters(method_cfg, curvature if uses_curvature else None),
+            "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
+            "steps": len(history)}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

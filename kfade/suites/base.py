@@ -1,0 +1,84 @@
+"""What every benchmark suite shares: the model pair, scoring, and the cached scores of the pair."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
+from kfade.curvature import model_fingerprint
+from kfade.data.config import DatasetConfig
+from kfade.eval.config import EvalConfig
+from kfade.models.mini import train_stats
+from kfade.unlearn import UnlearnData
+
+
+@dataclass
+class Suite:
+    """A benchmark with its models: ``reference`` (to unlearn; methods get a copy) and ``retrains`` (the retrain
+    baseline, and with ``noise_floor`` a second seed of it)."""
+
+    tokenizer: object
+    reference: torch.nn.Module
+    retrains: list[torch.nn.Module]
+    dataset: DatasetConfig
+    eval: EvalConfig
+    progress: bool
+
+    name = "suite"
+
+    def unlearn_data(self) -> UnlearnData:
+        raise NotImplementedError
+
+    def score(self, model: torch.nn.Module) -> tuple[dict[str, float], object]:
+        """Flat metrics of ``model`` and the suite's per-item record of them (e.g. TOFU eval logs)."""
+        raise NotImplementedError
+
+    def headline_keys(self) -> list[str]:
+        """The metrics a results table shows first."""
+        return ["kl_retrain/retain", "kl_retrain/forget"]
+
+    def save_record(self, record, directory: Path) -> None:
+        """Write a scored model's per-item record into its run directory."""
+
+    def adopt_retrain(self, record) -> dict[str, float]:
+        """Keep what later scores compare against from the retrain model's record; extra retrain metrics."""
+        return {}
+
+    def save_state(self, directory: Path) -> None:
+        """Write what ``adopt_retrain`` kept (to restore it with ``load_state`` from the cache)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what ``save_state`` wrote."""
+
+    def cache_key(self) -> dict:
+        return {"dataset": asdict(self.dataset), "eval": asdict(self.eval)}
+
+    def baseline_scores(self, reference_path: str, retrain_paths: list[str]) -> dict[str, float]:
+        """``retrain/…``, ``reference/…`` (and ``noise_floor/…``) scores, cached by model and data fingerprints.
+
+        The retrain model is scored first: it is what every later model is compared against.
+        """
+        key = fingerprint({"models": [model_fingerprint(m) for m in (self.reference, *self.retrains)],
+                           **self.cache_key()})
+        path = cache_dir() / "evals" / f"{self.name}-{key}"
+        if (path / "scores.json").is_file():
+            self.load_state(path)
+            return json.loads((path / "scores.json").read_text())
+        jobs = list(zip(("retrain", "noise_floor"), self.retrains, retrain_paths, strict=False))
+        jobs.insert(min(1, len(jobs)), ("reference", self.reference, reference_path))
+        scores: dict[str, float] = {}
+        for prefix, model, model_path in jobs:
+            metrics, record = self.score(model)
+            if prefix == "retrain":
+                metrics |= self.adopt_retrain(record)
+            scores |= {f"{prefix}/{k}": v for k, v in metrics.items()}
+            scores |= {f"{prefix}/train_{k}": v for k, v in train_stats(model_path).items() if k != "tag"}
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            write_json(tmp / "scores.json", scores)
+            self.save_state(tmp)
+        return scores

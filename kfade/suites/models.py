@@ -1,0 +1,58 @@
+"""Reference and retrain models of a benchmark: the embedded tiny pair (trained and cached) or given checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from kfade.models.config import ModelConfig
+from kfade.models.load import load_model
+from kfade.models.mini import mini_tokenizer, trained_tiny_model
+
+
+@dataclasses.dataclass
+class TrainingSets:
+    """What the tiny pair learns: the reference model everything, the retrain baseline the retain part only."""
+
+    tag: str  # cache name prefix, e.g. "mini_tofu-forget10"
+    tokenizer_texts: list[str]  # every text of the benchmark (the tokenizer sees the forget set too)
+    reference_qa: list[dict]
+    retrain_qa: list[dict]
+    reference_texts: list[str] = dataclasses.field(default_factory=list)
+    retrain_texts: list[str] = dataclasses.field(default_factory=list)
+
+
+def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequence[int],
+                    progress: bool = True) -> tuple[Path, list[Path]]:
+    """Train (or reuse from the cache) the tiny reference model and one retrain model per seed."""
+    tokenizer_dir = mini_tokenizer(sets.tokenizer_texts, cfg.vocab_size)
+    reference = trained_tiny_model(f"{sets.tag}-reference", tokenizer_dir, sets.reference_qa, sets.reference_texts,
+                                   cfg.spec, cfg.recipe, progress)
+    retrains = [trained_tiny_model(f"{sets.tag}-retrain", tokenizer_dir, sets.retrain_qa, sets.retrain_texts,
+                                   cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress)
+                for seed in retrain_seeds]
+    return reference, retrains
+
+
+def load_pair(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress: bool = True):
+    """``(reference, tokenizer, retrain models, reference path, retrain paths)``.
+
+    With ``cfg.path`` unset the tiny pair is trained; else the given checkpoint is loaded, with the retrain model
+    from ``cfg.retrain_path`` when that is a model (a TOFU eval-log directory is handled by the suite).
+    """
+    seeds = [cfg.recipe.seed, cfg.recipe.seed + 1] if noise_floor else [cfg.recipe.seed]
+    if cfg.path is None:
+        reference_dir, retrain_dirs = tiny_model_dirs(sets, cfg, seeds, progress)
+        reference_path, retrain_paths = str(reference_dir), [str(d) for d in retrain_dirs]
+    else:
+        reference_path = cfg.path
+        retrain_paths = [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
+    reference, tokenizer = load_model(reference_path, cfg.dtype, cfg.device, key="model.path")
+    retrains = [load_model(p, cfg.dtype, cfg.device, key="model.retrain_path")[0] for p in retrain_paths]
+    return reference, tokenizer, retrains, reference_path, retrain_paths
+
+
+def is_log_dir(path: str) -> bool:
+    """True for a directory of TOFU eval logs (it has ``eval_log_forget.json``) rather than a model."""
+    return (Path(path).expanduser() / "eval_log_forget.json").is_file()

@@ -1,0 +1,106 @@
+"""TOFU end to end: the reference and retrain models, their cached evaluations, and scoring any model.
+
+Scores are flat keys (``forget_quality``, ``model_utility``, ``<set>/prob`` …, see ``kfade.eval.tofu_logs``) plus
+the output-space distance to the retrain model, ``kl_retrain/retain`` and ``kl_retrain/forget``: mean per-token
+KL(p_retrain ‖ p_model) in nats over the answer tokens of the retain eval set and of the forget set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kfade.data.config import DatasetConfig
+from kfade.data.formatting import QAFormatter, qa_batches
+from kfade.data.tofu import TofuData, load_tofu
+from kfade.errors import ConfigError
+from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, read_tofu_logs, write_tofu_logs
+from kfade.eval.config import EvalConfig
+from kfade.models.config import ModelConfig
+from kfade.suites.base import Suite
+from kfade.suites.models import TrainingSets, is_log_dir, load_pair
+from kfade.unlearn import UnlearnData
+
+FIT_SETS = ("retain", "real_authors", "world_facts")  # rows a curvature may be fitted on (never the forget set)
+
+
+def training_sets(data: TofuData) -> TrainingSets:
+    """Both models learn real authors and world facts; the reference all authors, the retrain model the retain
+    split only (as TOFU's retain models are finetuned on ``retainYY``)."""
+    general = data.real_authors + data.world_facts
+    texts = []
+    for row in data.full + data.forget_perturbed + data.retain_perturbed + general:
+        texts += [row["question"], row["answer"], row.get("paraphrased_answer") or "", *row.get("perturbed_answer", [])]
+    return TrainingSets(tag="mini_tofu", tokenizer_texts=texts,
+                        reference_qa=data.full + general, retrain_qa=data.retain + general)
+
+
+@dataclass
+class TofuSuite(Suite):
+    data: TofuData = None
+    retrain_logs: dict | None = None  # the baseline's TOFU eval logs (forget quality needs its truth ratios)
+
+    name = "tofu"
+
+    def batches(self, rows: list[dict]) -> list[dict]:
+        return qa_batches(rows, QAFormatter(self.tokenizer, self.dataset.max_length), self.dataset.batch_size)
+
+    def unlearn_data(self) -> UnlearnData:
+        """Forget/retain batches and the curvature fitting set ``dataset.fit_sets`` (rows concatenated)."""
+        fit_rows = []
+        for name in self.dataset.fit_sets:
+            if name not in FIT_SETS:
+                raise ConfigError("dataset.fit_sets", name, f"unknown set; choose from {list(FIT_SETS)}")
+            fit_rows += getattr(self.data, name)
+        return UnlearnData(forget=self.batches(self.data.forget), retain=self.batches(self.data.retain),
+                           fit=self.batches(fit_rows), kl_probe=self.batches(self.data.retain_perturbed),
+                           forget_split=self.dataset.forget_split)
+
+    def score(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict]]:
+        """Flat TOFU metrics of ``model`` (against the retrain baseline) and its four TOFU eval logs."""
+        e = self.eval
+        logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress)
+        metrics = aggregate_tofu_logs(logs, self.retrain_logs)
+        if self.retrains:
+            for name, rows in (("retain", self.data.retain_perturbed), ("forget", self.data.forget)):
+                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, self.batches(rows))
+        return metrics, logs
+
+    def headline_keys(self) -> list[str]:
+        return ["forget_quality", "model_utility", "forget/prob", "retain/prob", "world_facts/prob",
+                *super().headline_keys()]
+
+    def save_record(self, logs: dict[str, dict], directory: Path) -> None:
+        write_tofu_logs(logs, directory / "tofu_logs")
+
+    def adopt_retrain(self, logs: dict[str, dict]) -> dict[str, float]:
+        if self.retrain_logs is not None:  # given as published logs: they stay the reference
+            return {}
+        self.retrain_logs = logs
+        return aggregate_tofu_logs(logs, logs)  # the baseline against itself: forget quality 1
+
+    def save_state(self, directory: Path) -> None:
+        if self.retrain_logs is not None:
+            write_tofu_logs(self.retrain_logs, directory / "retrain_logs")
+
+    def load_state(self, directory: Path) -> None:
+        if self.retrain_logs is None and (directory / "retrain_logs").is_dir():
+            self.retrain_logs = read_tofu_logs(directory / "retrain_logs")
+
+    def cache_key(self) -> dict:
+        return {**super().cache_key(), "source": self.data.source, "given_logs": self.retrain_logs is not None}
+
+
+def build_tofu_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cfg: EvalConfig,
+                     noise_floor: bool = False, progress: bool = True) -> tuple[TofuSuite, dict[str, float]]:
+    """Load the data and both models (training the tiny pair if needed); return the suite and baseline scores."""
+    data = load_tofu(dataset_cfg.source, dataset_cfg.forget_split)
+    reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
+        model_cfg, training_sets(data), noise_floor, progress)
+    retrain_logs = None
+    if model_cfg.retrain_path and is_log_dir(model_cfg.retrain_path):
+        retrain_logs = read_tofu_logs(model_cfg.retrain_path, key="model.retrain_path")
+    suite = TofuSuite(tokenizer, reference, retrains, dataset_cfg, eval_cfg, progress, data, retrain_logs)
+    return suite, suite.baseline_scores(reference_path, retrain_paths)

@@ -1,0 +1,77 @@
+"""WMDP end to end: forget/retain corpora, multiple-choice scoring with lm-eval, and KL to the retrain model.
+
+Scores: ``<task>/acc`` (and ``acc_norm``) for every lm-eval task of the eval config (mini: ``mini_wmdp``, the
+forget-side knowledge, and ``mini_mmlu``, the utility side), and ``kl_retrain/retain``, ``kl_retrain/forget``:
+mean per-token KL(p_retrain ‖ p_model) in nats over held documents of each corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kfade.data.config import DatasetConfig
+from kfade.data.formatting import QAFormatter, text_batches
+from kfade.data.wmdp import WmdpData, load_wmdp
+from kfade.errors import ConfigError
+from kfade.eval import mean_token_kl
+from kfade.eval.config import EvalConfig
+from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
+from kfade.models.config import ModelConfig
+from kfade.suites.base import Suite
+from kfade.suites.models import TrainingSets, load_pair
+from kfade.unlearn import UnlearnData
+
+KL_DOCS = 64  # documents of each corpus on which the KL to the retrain model is measured
+
+
+def training_sets(data: WmdpData) -> TrainingSets:
+    """The reference model reads both corpora, the retrain model the retain corpus only."""
+    texts = data.forget_corpus + data.retain_corpus
+    for rows in data.mcq.values():
+        texts += [r["question"] + " " + c for r in rows for c in r["choices"]]
+    return TrainingSets(tag="mini_wmdp", tokenizer_texts=texts, reference_qa=[], retrain_qa=[],
+                        reference_texts=data.forget_corpus + data.retain_corpus, retrain_texts=data.retain_corpus)
+
+
+@dataclass
+class WmdpSuite(Suite):
+    data: WmdpData = None
+
+    name = "wmdp"
+
+    def batches(self, texts: list[str]) -> list[dict]:
+        return text_batches(texts, QAFormatter(self.tokenizer, self.dataset.max_length), self.dataset.batch_size)
+
+    def unlearn_data(self) -> UnlearnData:
+        if self.dataset.fit_sets != ["retain"]:
+            raise ConfigError("dataset.fit_sets", self.dataset.fit_sets, "WMDP fits on the retain corpus: [retain]")
+        retain = self.batches(self.data.retain_corpus)
+        return UnlearnData(forget=self.batches(self.data.forget_corpus), retain=retain, fit=retain,
+                           forget_split="forget_corpora")
+
+    def score(self, model: torch.nn.Module) -> tuple[dict[str, float], None]:
+        e = self.eval
+        metrics = evaluate_lm_tasks(model, self.tokenizer, e.lm_eval_tasks, e.lm_eval_data_dir or self.data.mcq_dir,
+                                    e.lm_eval_batch_size, e.lm_eval_limit) if e.lm_eval_tasks else {}
+        if self.retrains:
+            for name, docs in (("retain", self.data.retain_corpus), ("forget", self.data.forget_corpus)):
+                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, self.batches(docs[:KL_DOCS]))
+        return metrics, None
+
+    def headline_keys(self) -> list[str]:
+        return [f"{task}/acc" for task in self.eval.lm_eval_tasks] + super().headline_keys()
+
+    def cache_key(self) -> dict:
+        return {**super().cache_key(), "source": self.data.source}
+
+
+def build_wmdp_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cfg: EvalConfig,
+                     noise_floor: bool = False, progress: bool = True) -> tuple[WmdpSuite, dict[str, float]]:
+    """Load the corpora and both models (training the tiny pair if needed); return the suite and baseline scores."""
+    data = load_wmdp(dataset_cfg.source, dataset_cfg.forget_corpora, dataset_cfg.retain_corpora)
+    reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
+        model_cfg, training_sets(data), noise_floor, progress)
+    suite = WmdpSuite(tokenizer, reference, retrains, dataset_cfg, eval_cfg, progress, data)
+    return suite, suite.baseline_scores(reference_path, retrain_paths)
