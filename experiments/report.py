@@ -1,0 +1,48 @@
+"""Summarise a sweep: ``python experiments/report.py multirun/<date>/<time>``.
+
+Prints the markdown table of every job's results.json (and the broken jobs it skipped), and writes
+``report.md``, ``report.csv`` and ``pareto.png`` into the sweep directory. With ``--tofu-logs DIR
+--retain-logs DIR`` it instead re-aggregates a pair of TOFU eval-log directories and prints the flat metrics
+as JSON. Bad input: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kfade.errors import ConfigError
+from kfade.eval.report import aggregate_log_dirs, write_report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun (or single run) directory")
+    parser.add_argument("--tofu-logs", metavar="DIR", help="TOFU eval-log dir of the model to score")
+    parser.add_argument("--retain-logs", metavar="DIR", help="TOFU eval-log dir of the retain model")
+    args = parser.parse_args(argv)
+    log_mode = args.tofu_logs is not None or args.retain_logs is not None
+    if log_mode and (args.tofu_logs is None or args.retain_logs is None or args.sweep_dir is not None):
+        parser.error("--tofu-logs and --retain-logs go together, without a sweep dir")
+    if not log_mode and args.sweep_dir is None:
+        parser.error("give a sweep dir, or --tofu-logs DIR --retain-logs DIR")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.tofu_logs is not None:
+            print(json.dumps(aggregate_log_dirs(args.tofu_logs, args.retain_logs), indent=2, sort_keys=True))
+        else:
+            _, markdown = write_report(args.sweep_dir)
+            print(markdown, end="")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Score an in-memory causal LM on lm-eval multiple-choice tasks (WMDP, MMLU and kfade's embedded mini tasks).
+
+The model is wrapped as it is (``HFLM(pretrained=model)``: no save/reload) and every call re-scores every
+question (no request or response cache), so changed weights always give fresh numbers.
+
+Accuracy (``acc``) is the fraction of questions whose correct choice has the largest summed log-likelihood
+log p(target_delimiter + choice | prompt); ``acc_norm`` divides each sum by the choice's length in characters;
+``acc_stderr`` is the standard error of the mean, sqrt(acc (1 - acc) / (n - 1)). All are fractions in [0, 1].
+
+Task sources, later ones winning on a name clash (as in lm-eval): lm-eval's built-in tasks, kfade's own task
+YAMLs in ``kfade/eval/tasks/``, then ``include_path``. With ``data_dir`` every task reads its questions from
+``<data_dir>/<task>.jsonl`` (rows ``{question, choices: list[str], answer: int}``): a YAML is generated that
+``include``s the task's own template (so the prompt format is lm-eval's, e.g. WMDP's lettered choices) and
+points ``dataset_kwargs.data_files`` at that file. A built-in *group* (``mmlu``) scored from one local file
+uses the template shared by its member tasks, without their per-subject description.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import Entry, Kind, TaskIndex
+from lm_eval.tasks._yaml_loader import load_yaml
+
+from kfade.cache import atomic_path
+from kfade.errors import ConfigError
+from kfade.eval.modes import evaluating
+
+KFADE_TASKS_DIR = Path(__file__).with_name("tasks")
+REPORTED_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+TASKS_KEY, DATA_DIR_KEY = "eval.lm_eval_tasks", "eval.lm_eval_data_dir"
+
+
+@dataclass
+class LmEvalConfig:
+    """The lm-eval part of an ``eval`` config group."""
+
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, e.g. wmdp_bio, mmlu
+    lm_eval_data_dir: str | None = None  # dir of <task>.jsonl question files; None: the tasks' own datasets
+    lm_eval_limit: int | None = None  # questions scored per task; None: all
+    lm_eval_batch_size: int = 16  # sequences per forward pass
+
+
+def evaluate_lm_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, batch_size: int = 16,
+                      limit: int | None = None, include_path: str | None = None) -> dict[str, float]:
+    """Score ``model`` on ``tasks``: ``{"<task>/acc": ..., "<task>/acc_stderr": ..., "<task>/acc_norm": ...}``
+    (``acc_norm`` where the task defines it). Unknown tasks and missing question files raise ``ConfigError``
+    before anything runs. The model's train/eval mode is restored afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kfade-lm-eval-") as generated:
+        task_manager = _task_manager(list(tasks), data_dir, include_path, Path(generated))
+        with evaluating(model):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                     use_cache=None, cache_requests=False, log_samples=False)
+    return _flat_metrics(output["results"], tasks)
+
+
+def _flat_metrics(results: dict, tasks: list[str]) -> dict[str, float]:
+    """lm-eval's ``{task: {"acc,none": x, ...}}`` → ``{"task/acc": x, ...}`` for the requested tasks."""
+    flat = {}
+    for name in tasks:
+        scores = results[name]
+        if "acc,none" not in scores:
+            raise ConfigError(TASKS_KEY, name, "reports no 'acc': only multiple-choice tasks are supported")
+        for metric in REPORTED_METRICS:
+            value = scores.get(f"{metric},none")
+            if isinstance(value, (int, float)):
+                flat[f"{name}/{metric}"] = float(value)
+    return flat
+
+
+def _task_manager(tasks: list[str], data_dir: str | None, include_path: str | None,
+                  generated: Path) -> TaskManager:
+    """A TaskManager knowing every task in ``tasks`` (else ``ConfigError``), reading local files if asked."""
+    user_paths = [Path(include_path)] if include_path else []
+    if data_dir is None:
+        manager = TaskManager(include_path=user_paths) if user_paths else _builtin_task_manager()
+        for name in tasks:
+            if name in _kfade_index():
+                raise ConfigError(DATA_DIR_KEY, None, f"task {name!r} reads <data_dir>/{name}.jsonl: set it")
+            if name not in manager.task_index:
+                raise _unknown(name)
+        return manager
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise ConfigError(DATA_DIR_KEY, str(data_dir), "not a directory")
+    user_index = TaskIndex.build(user_paths)  # wins over kfade's tasks, which win over built-in ones
+    for name in tasks:
+        entry = user_index.get(name) or _kfade_index().get(name) or _builtin_index().get(name)
+        if entry is None:
+            raise _unknown(name)
+        template = _template(name, entry, user_index)
+        data_file = data_dir / f"{name}.jsonl"
+        if not data_file.is_file():
+            raise ConfigError(DATA_DIR_KEY, str(data_dir), f"no file {data_file.name} (task {name!r})")
+        _write_local_task(generated / f"{name}.yaml", name, template, data_file)
+    return TaskManager(include_path=[*user_paths, generated], include_defaults=False)
+
+
+def _write_local_task(path: Path, name: str, template: Path, data_file: Path) -> None:
+    """Write a task YAML that takes every field of ``template`` but reads its questions from ``data_file``
+    (its Arrow cache next to the YAML, deleted with it: nothing stale is ever read back)."""
+    dataset_kwargs = {"data_files": {"test": str(data_file)}, "cache_dir": str(path.parent / "datasets")}
+    config = {"include": str(template), "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
+              "dataset_kwargs": dataset_kwargs, "test_split": "test", "training_split": None,
+              "validation_split": None, "fewshot_split": None}
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _template(name: str, entry: Entry, user_index: dict[str, Entry]) -> Path:
+    """The YAML whose fields a local copy of task ``name`` keeps: the task's own YAML, or for a group/tag the
+    template its first member task includes."""
+    if entry.kind is Kind.TASK:
+        return entry.yaml_path
+    leaf = _first_member_task(entry, {**_builtin_index(), **_kfade_index(), **user_index})
+    if leaf is None:
+        raise ConfigError(TASKS_KEY, name, "cannot read a local file (a Python-defined task or group)")
+    included = load_yaml(leaf.yaml_path, resolve_func=False, recursive=False).get("include")
+    return (leaf.yaml_path.parent / included).resolve() if isinstance(included, str) else leaf.yaml_path
+
+
+def _first_member_task(entry: Entry, index: dict[str, Entry]) -> Entry | None:
+    """Depth-first, the first YAML task inside a group or tag (members in listed / sorted order)."""
+    if entry.kind is Kind.TASK:
+        return entry
+    if entry.kind is Kind.GROUP:
+        members = [m for m in entry.cfg.get("task", []) if isinstance(m, str)]
+    elif entry.kind is Kind.TAG:
+        members = sorted(entry.tags)
+    else:
+        return None
+    for member in members:
+        leaf = _first_member_task(index[member], index) if member in index else None
+        if leaf is not None:
+            return leaf
+    return None
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(TASKS_KEY, name, "unknown lm-eval task (not built in, not in kfade/eval/tasks, "
+                                        "not under include_path)")
+
+
+@functools.cache
+def _kfade_index() -> dict[str, Entry]:
+    """kfade's own task YAMLs (``kfade/eval/tasks/``)."""
+    return TaskIndex.build([KFADE_TASKS_DIR])
+
+
+def _builtin_index() -> dict[str, Entry]:
+    return _builtin_task_manager().task_index
+
+
+@functools.cache
+def _builtin_task_manager() -> TaskManager:
+    """lm-eval's built-in tasks (indexing ~15k YAMLs takes ~10 s: done once per process; holds no results)."""
+    return TaskManager()
