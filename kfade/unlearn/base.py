@@ -1,0 +1,119 @@
+"""What every unlearning method shares: its input data, config validation, and parameter bookkeeping.
+
+A method is a small class with one entry point, ``run(model, data, log=None) -> list[dict]``: it updates
+``model`` in place (the caller passes a copy of the source model) and returns a per-step (or per-epoch)
+history; ``log`` is called with each history record as it is produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kfade.data.formatting import IGNORE_INDEX
+from kfade.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+LogFn = Callable[[dict], None]
+KL_PROBE_BATCHES = 2  # retain batches used as the retain-KL probe when none are given
+
+
+def count_label_tokens(batches: Sequence[Batch]) -> int:
+    """Tokens that carry a loss: labels ≠ -100 after the causal shift (position 0 predicts nothing)."""
+    return int(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches))
+
+
+def batches_fingerprint(batches: Sequence[Batch]) -> str:
+    """SHA-256 (16 hex digits) of the batches' token ids, masks and labels: same tokens ⇔ same fingerprint."""
+    digest = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask", "labels"):
+            t = b[key].detach().to("cpu", torch.long).contiguous()
+            digest.update(f"{key}{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class UnlearnData:
+    """The batches a method sees (each a dict of ``[B, T]`` input_ids, attention_mask, labels)."""
+
+    forget: list[Batch]  # the forget set D_f; L_f is the mean NLL over its label tokens
+    retain: list[Batch] = field(default_factory=list)  # the retain set D_r (baselines' retain terms)
+    fit: list[Batch] | None = None  # K-FADE curvature fitting set; None → ``retain``
+    fit_fingerprint: str = ""  # identifies ``fit`` in the curvature cache; "" → hash of its tokens
+    kl_probe: list[Batch] | None = None  # retain batches for the logged retain KL; None → first 2 of retain
+    forget_split: str = "forget"  # name of the forget split, for error messages
+
+    def __post_init__(self):
+        if not self.forget:
+            raise ConfigError("dataset.forget_split", self.forget_split, "empty forget set")
+        if count_label_tokens(self.forget) == 0:
+            raise ConfigError("dataset.forget_split", self.forget_split, "empty forget set (no label tokens)")
+        if self.fit is None:
+            self.fit = self.retain
+        if not self.fit_fingerprint:
+            self.fit_fingerprint = batches_fingerprint(self.fit)
+        if self.kl_probe is None:
+            self.kl_probe = self.retain[:KL_PROBE_BATCHES]
+
+
+def require_positive(cfg, *names: str) -> None:
+    """ConfigError ``method.<name>`` unless each named field is a finite number > 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"method.{name}", value, "must be a finite number > 0")
+
+
+def require_nonnegative(cfg, *names: str) -> None:
+    """ConfigError ``method.<name>`` unless each named field is a finite number ≥ 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"method.{name}", value, "must be a finite number >= 0")
+
+
+def require_choice(cfg, name: str, choices: Sequence[str]) -> None:
+    """ConfigError ``method.<name>`` unless the field's value is one of ``choices``."""
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"method.{name}", value, f"choose one of {list(choices)}")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Copies of the named parameters on the CPU (exact; keeps accelerator memory free)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().to("cpu", copy=True) for n in names}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write a :func:`snapshot` back into the model, bit for bit."""
+    params = dict(model.named_parameters())
+    for n, value in saved.items():
+        params[n].copy_(value)
+
+
+@contextlib.contextmanager
+def requires_grad_only(model: torch.nn.Module, names: Sequence[str]) -> Iterator[list[torch.nn.Parameter]]:
+    """Within the block exactly the named parameters require grad (yielded in order); flags restored after."""
+    wanted = set(names)
+    params = dict(model.named_parameters())
+    before = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in wanted)
+        yield [params[n] for n in names]
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n])

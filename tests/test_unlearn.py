@@ -1,0 +1,232 @@
+"""Unlearning: shared losses and data, configs and the registry, and the first-order baselines."""
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from omegaconf import OmegaConf
+
+from kfade.data.formatting import QAFormatter, collate, qa_batches
+from kfade.errors import ConfigError
+from kfade.unlearn import METHODS, UnlearnData, build_method
+from kfade.unlearn.base import batches_fingerprint
+from kfade.unlearn.grad_diff import GradDiffConfig
+from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, sequence_logprob
+from kfade.unlearn.npo import NPO, NPOConfig
+from kfade.unlearn.rmu import RMUConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+FORGET = [{"question": f"Where was author {i} born?", "answer": f"Author {i} was born in Port Lumen, ward {i}."}
+          for i in range(8)]
+RETAIN = [{"question": f"What does writer {i} write?", "answer": f"Writer {i} writes {'mystery ' * (i % 3)}novels."}
+          for i in range(8)]
+
+
+def batches(tokenizer, rows, batch_size):
+    return qa_batches(rows, QAFormatter(tokenizer), batch_size)
+
+
+def hf_mean_nll(model, batch) -> float:
+    """Independent reference: the Hugging Face model's own shifted, -100-masked mean token loss."""
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return UnlearnData(forget=batches(tokenizer, FORGET, 3), retain=batches(tokenizer, RETAIN, 3))
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny model fitted briefly to the forget and retain answers (their NLL well below chance)."""
+    model = make_tiny_llama(tokenizer).train()
+    batch = batches(tokenizer, FORGET + RETAIN, 16)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+# --- shared losses -----------------------------------------------------------------------------------------------
+
+def test_forget_nll_is_the_token_weighted_mean(tiny_model, tokenizer):
+    whole = batches(tokenizer, FORGET, 8)[0]
+    for size in (1, 3, 8):
+        assert forget_nll(tiny_model, batches(tokenizer, FORGET, size)) == pytest.approx(
+            hf_mean_nll(tiny_model, whole), rel=1e-6)
+
+
+def test_forget_gradient_is_batch_size_invariant(tiny_model, tokenizer):
+    names = [n for n, _ in tiny_model.named_parameters() if "layers.1." in n]
+    reference = make_tiny_llama(tokenizer).double()
+    reference(**batches(tokenizer, FORGET, 8)[0]).loss.backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if n in names}
+    for size in (1, 3, 8):
+        grads, loss = forget_gradient(tiny_model, batches(tokenizer, FORGET, size), names)
+        assert loss == pytest.approx(hf_mean_nll(tiny_model, batches(tokenizer, FORGET, 8)[0]), rel=1e-6)
+        for n in names:
+            assert grads[n].dtype == torch.float32
+            torch.testing.assert_close(grads[n].double(), expected[n], rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_sequence_logprob_matches_float64_gather(tiny_model, tokenizer):
+    batch = batches(tokenizer, FORGET, 4)[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_model(**batch).logits.double(), -1)
+        expected = torch.zeros(4, dtype=torch.float64)
+        for row in range(4):
+            for t in range(batch["labels"].shape[1] - 1):
+                label = batch["labels"][row, t + 1].item()
+                if label != -100:
+                    expected[row] += logp[row, t, label]
+        got = sequence_logprob(tiny_model, batch)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_retain_kl_probe_matches_float64_kl(tokenizer):
+    probe_batches = batches(tokenizer, RETAIN, 4)
+    start, moved = make_tiny_llama(tokenizer, seed=0), make_tiny_llama(tokenizer, seed=1)
+    probe = RetainKLProbe(start, probe_batches)
+    assert probe(start) == 0.0
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in probe_batches:
+            mask = b["labels"][:, 1:] != -100
+            p = torch.log_softmax(start(**b).logits[:, :-1][mask].double(), -1)
+            q = torch.log_softmax(moved(**b).logits[:, :-1][mask].double(), -1)
+            total += (p.exp() * (p - q)).sum().item()
+            tokens += int(mask.sum())
+    assert probe(moved) == pytest.approx(total / tokens, rel=1e-5)
+    assert math.isnan(RetainKLProbe(start, [])(moved))
+
+
+# --- data, configs, registry -------------------------------------------------------------------------------------
+
+def test_unlearn_data_rejects_an_empty_forget_set(tokenizer):
+    with pytest.raises(ConfigError, match=r"dataset.forget_split='forget01': empty forget set"):
+        UnlearnData(forget=[], forget_split="forget01")
+    unlabeled = collate([{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}], pad_token_id=0)
+    with pytest.raises(ConfigError, match="empty forget set"):
+        UnlearnData(forget=[unlabeled])
+
+
+def test_unlearn_data_defaults(data, tokenizer):
+    assert data.fit is data.retain and data.kl_probe == data.retain[:2]
+    assert data.fit_fingerprint == batches_fingerprint(batches(tokenizer, RETAIN, 3))
+    assert data.fit_fingerprint != batches_fingerprint(batches(tokenizer, RETAIN[:-1], 3))
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("grad_ascent", "epochs", 0), ("grad_ascent", "lr", 0.0), ("grad_ascent", "lr", float("nan")),
+    ("grad_diff", "retain_loss", "mse"), ("grad_diff", "retain_weight", -1.0), ("npo", "beta", 0.0),
+    ("npo", "epochs", -2), ("rmu", "layer", -1), ("rmu", "param_regex", "(["), ("rmu", "steering_coeff", 0.0),
+])
+def test_bad_config_names_its_field(name, field, value):
+    with pytest.raises(ConfigError, match=rf"^method\.{field}="):
+        build_method(name, {field: value})
+
+
+def test_build_method_errors():
+    with pytest.raises(ConfigError, match=r"^method\.name='sgd': unknown method"):
+        build_method("sgd", {})
+    with pytest.raises(ConfigError, match=r"^method\.step_size=0.1: not a field of method 'npo'"):
+        build_method("npo", {"step_size": 0.1})
+    with pytest.raises(ConfigError, match=r"^method\.name='npo': config is a GradDiffConfig, expected NPOConfig"):
+        build_method("npo", GradDiffConfig())
+    with pytest.raises(ConfigError, match=r"^method\.name='grad_diff': config is for 'grad_diff', not 'npo'"):
+        build_method("npo", {"name": "grad_diff"})
+    method = build_method("npo", {"name": "npo", "beta": 0.5})
+    assert isinstance(method, NPO) and method.cfg == NPOConfig(beta=0.5)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_yaml_matches_its_config_defaults(name):
+    config_cls = METHODS[name][0]
+    node = OmegaConf.load(CONF / f"{name}.yaml")
+    assert OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config_cls), node)) == config_cls()
+    assert set(node) == {f for f in OmegaConf.structured(config_cls)}
+
+
+# --- baselines ---------------------------------------------------------------------------------------------------
+
+BASELINES = {
+    "grad_ascent": {"epochs": 3, "lr": 3e-3},
+    "grad_diff": {"epochs": 3, "lr": 3e-3, "retain_loss": "kl"},
+    "npo": {"epochs": 3, "lr": 3e-3, "beta": 0.1, "retain_weight": 1.0},
+    "rmu": {"epochs": 3, "lr": 1e-2, "layer": 1, "alpha": 10.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_raises_the_forget_loss(name, trained, tokenizer, data):
+    model = copy.deepcopy(trained)
+    records = []
+    history = build_method(name, BASELINES[name]).run(model, data, log=records.append)
+    assert records == history and [r["epoch"] for r in history] == [0, 1, 2, 3]
+    whole = batches(tokenizer, FORGET, 8)[0]
+    assert history[0]["forget_nll"] == pytest.approx(hf_mean_nll(trained, whole), rel=1e-5)
+    assert history[-1]["forget_nll"] == pytest.approx(hf_mean_nll(model, whole), rel=1e-5)
+    # forget P̄ = exp(−NLL) drops by at least a factor 2
+    assert history[-1]["forget_nll"] > history[0]["forget_nll"] + math.log(2)
+    assert all(r["retain_kl"] >= 0 for r in history)
+
+
+def test_grad_diff_kl_term_is_measured_from_the_starting_model(trained, tokenizer, data):
+    """R = mean per-token KL(p_start ‖ p_θ) on the retain batch: 0 at the start, the float64 KL after a move."""
+    model = copy.deepcopy(trained)
+    method = build_method("grad_diff", {"retain_loss": "kl"})
+    method.prepare(model, data)
+    batch = data.retain[0]
+    assert method.retain_term(model, batch).item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(0.05 * torch.randn(32, 64))
+        mask = batch["labels"][:, 1:] != -100
+        p = torch.log_softmax(trained(**batch).logits[:, :-1][mask].double(), -1)
+        q = torch.log_softmax(model(**batch).logits[:, :-1][mask].double(), -1)
+        expected = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert expected > 1e-4
+    assert method.retain_term(model, batch).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_npo_loss_at_the_reference(trained, data):
+    """At θ = θ_ref the log-ratio is 0: loss = (2/β)·ln 2 and ∇loss = ∇ mean_seq log π_θ(y|x)."""
+    model = copy.deepcopy(trained)
+    method = build_method("npo", {"beta": 0.3})
+    method.prepare(model, data)
+    loss = method.loss(model, 0, data.forget[0], None)
+    assert loss.item() == pytest.approx(2 / 0.3 * math.log(2), rel=1e-6)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    (got,) = torch.autograd.grad(loss, weight)
+    (expected,) = torch.autograd.grad(sequence_logprob(model, data.forget[0]).mean(), weight)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+
+
+def test_rmu_updates_only_the_selected_down_projections(trained, data):
+    model = copy.deepcopy(trained)
+    build_method("rmu", BASELINES["rmu"] | {"epochs": 1}).run(model, data)
+    changed = {n for (n, a), (_, b) in zip(trained.named_parameters(), model.named_parameters(), strict=True)
+               if not torch.equal(a, b)}
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+
+
+def test_rmu_bad_layer_and_regex(trained, data):
+    with pytest.raises(ConfigError, match=r"^method\.layer=2: the model has 2 decoder layers"):
+        build_method("rmu", {"layer": 2}).run(copy.deepcopy(trained), data)
+    with pytest.raises(ConfigError, match=r"^method\.param_regex=.lm_head.bias.: matches no parameter"):
+        build_method("rmu", RMUConfig(layer=1, param_regex="lm_head.bias")).run(copy.deepcopy(trained), data)
+
+
+@pytest.mark.parametrize("name, field", [("grad_diff", "retain_weight"), ("npo", "retain_weight"),
+                                         ("rmu", "alpha")])
+def test_retain_terms_need_retain_data(name, field, trained, data):
+    forget_only = UnlearnData(forget=data.forget)
+    cfg = {field: 1.0} | ({"layer": 1} if name == "rmu" else {})
+    with pytest.raises(ConfigError, match=rf"^method\.{field}=1.0: needs retain batches"):
+        build_method(name, cfg).run(copy.deepcopy(trained), forget_only)
