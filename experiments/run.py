@@ -3,7 +3,7 @@
     python experiments/run.py                                   # experiment=mini_tofu: K-FADE (EK-FAC) on mini-TOFU
     python experiments/run.py method=grad_ascent                # a baseline, same data and evaluation
     python experiments/run.py method=none noise_floor=true      # only the reference / retrain models
-    python experiments/run.py -m method.step_size=0.01,0.02 damping.damping=0.01,0.1   # a sweep (one curvature fit)
+    python experiments/run.py -m method.step_size=0.01,0.02 curvature.damping=0.01,0.1   # a sweep (one curvature fit)
 
 Every run writes ``results.json`` (flat keys) in its run directory; bad config is one line on stderr, exit 2.
 """
@@ -82,7 +82,7 @@ def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
     """Run the method on a copy of the reference model; save its delta and score it."""
     config_cls, _ = METHODS[cfg.method.name]
     method_cfg = typed(cfg.method, config_cls, "method")
-    curvature = typed(OmegaConf.merge(cfg.curvature, cfg.damping), CurvatureConfig, "curvature")
+    curvature = typed(cfg.curvature, CurvatureConfig, "curvature")  # damping/ lands in curvature too
     method = build_method(cfg.method.name, method_cfg, curvature=curvature, cache_root=str(cache_dir() / "curvature"),
                           progress=cfg.progress)
     model = copy.deepcopy(suite.reference)

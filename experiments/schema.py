@@ -21,7 +21,8 @@ __all__ = ["DatasetConfig", "EvalConfig", "LoggerConfig", "ModelConfig", "typed"
 def typed(node: DictConfig, schema: type, key: str):
     """``node`` merged onto ``schema``'s defaults and converted to a dataclass instance; errors → one line."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+        values = OmegaConf.to_container(node, resolve=True)  # interpolations (e.g. ${seed}) need the whole config
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as e:
         where = f"{key}.{e.full_key}" if getattr(e, "full_key", None) else key
         raise ConfigError(where, getattr(e, "value", None), str(e).splitlines()[0]) from None

@@ -1,0 +1,80 @@
+"""The entry point end to end on a miniature recipe: results keys, caching, the delta, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from kfade.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import run as entry  # noqa: E402
+
+# A model small and briefly trained enough for seconds-long runs; only the plumbing is under test here.
+FAST = ["model.spec.hidden_size=32", "model.spec.intermediate_size=64", "model.spec.num_hidden_layers=1",
+        "model.spec.num_attention_heads=2", "model.spec.num_key_value_heads=2", "model.recipe.max_epochs=2",
+        "model.vocab_size=400", "eval.max_new_tokens=4", "logger=none", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kfade-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KFADE_CACHE", str(path))
+        yield path
+
+
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*FAST, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # as in a real run: the job's config has no hydra node
+        return entry.run(cfg, run_dir)
+
+
+def test_baseline_run_scores_reference_and_retrain_and_caches_them(cache, tmp_path):
+    results = run_in_process(tmp_path / "a", "method=none", "noise_floor=true")
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert on_disk["method"] == "none"
+    assert on_disk["retrain/forget_quality"] == 1.0 and on_disk["retrain/kl_retrain/forget"] == 0.0
+    for prefix in ("reference", "noise_floor"):
+        assert 0.0 <= on_disk[f"{prefix}/forget_quality"] <= 1.0
+        assert on_disk[f"{prefix}/kl_retrain/retain"] > 0.0
+        assert on_disk[f"{prefix}/train_epochs"] == 2
+    assert set(results) == set(on_disk)
+    models = sorted(p.name for p in (cache / "models").iterdir())
+    assert len(models) == 3  # reference, retrain, and the noise-floor retrain (another seed)
+    again = run_in_process(tmp_path / "b", "method=none", "noise_floor=true")
+    assert sorted(p.name for p in (cache / "models").iterdir()) == models  # nothing retrained
+    assert {k: v for k, v in again.items() if not k.startswith("time/")} == \
+        {k: v for k, v in results.items() if not k.startswith("time/")}
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("dataset.forget_split=forget42", "dataset.forget_split"),
+    ("dataset.source=/no/such/dir", "dataset.source"),
+    ("model.path=/no/such/model", "model.path"),
+    ("dataset.batch_size=many", "dataset.batch_size"),
+    ("dataset.fit_sets=[forget]", "dataset.fit_sets"),
+])
+def test_bad_input_is_a_config_error_naming_the_key(cache, tmp_path, override, key):
+    method = "method=kfade" if "fit_sets" in override else "method=none"
+    with pytest.raises(ConfigError) as err:
+        run_in_process(tmp_path, method, override)
+    assert str(err.value).startswith(key)
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_input(cache, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *FAST, "method=none",
+                           "model.path=/no/such/model", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: model.path='/no/such/model': no such local path, and not a "
+                                                "Hub id of the form org/name"]
