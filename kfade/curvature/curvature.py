@@ -1,0 +1,166 @@
+"""A fitted curvature: block-diagonal Ĝ over the covered layers, preconditioning, predicted KL, storage."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kfade.cache import atomic_path
+from kfade.curvature.config import DAMPING_MODES, CurvatureConfig
+from kfade.curvature.layers import LayerSpec
+from kfade.errors import ConfigError
+
+FORMAT_VERSION = 1
+TENSORS_FILE, MANIFEST_FILE = "factors.safetensors", "manifest.json"
+
+
+class Curvature:
+    """Ĝ = blockdiag over layers of G_W̄ ≈ (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ (K-FAC: Λ = λ_S λ_Aᵀ; EK-FAC: Λ*),
+    diag(D) (diagonal) or I (identity), for the mean per-token loss (see ``kfade.curvature``).
+
+    ``tensors`` keys: ``A/<group>/eigvecs`` and ``S/<layer>/eigvecs`` (kfac, ekfac), ``A/<group>/eigvals`` and
+    ``S/<layer>/eigvals`` (kfac), ``eigvals/<layer>`` (ekfac Λ*, shape (out, in')), ``diag/<layer>`` (diagonal).
+    """
+
+    def __init__(self, config: CurvatureConfig, layers: list[LayerSpec], groups: dict[str, str],
+                 tensors: dict[str, torch.Tensor], n_tokens: int, n_positions: int, model_fingerprint: str,
+                 data_fingerprint: str | None = None):
+        self.config, self.layers, self.groups, self.tensors = config, layers, groups, tensors
+        self.n_tokens, self.n_positions = n_tokens, n_positions
+        self.model_fingerprint, self.data_fingerprint = model_fingerprint, data_fingerprint
+
+    @property
+    def param_names(self) -> list[str]:
+        """Covered parameters (weights, and biases where present), as in ``model.named_parameters()``."""
+        return [name for spec in self.layers for name in spec.param_names]
+
+    def basis(self, layer: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(Q_S, Q_A)`` of a Kronecker-factored layer, None for diagonal / identity."""
+        if self.config.estimator not in ("kfac", "ekfac"):
+            return None
+        return self.tensors[f"S/{layer}/eigvecs"], self.tensors[f"A/{self.groups[layer]}/eigvecs"]
+
+    def eigenvalues(self, layer: LayerSpec) -> torch.Tensor:
+        """Λ of shape (out, in'): Ĝ's eigenvalues in the layer's basis (undamped, ≥ 0)."""
+        estimator = self.config.estimator
+        if estimator == "kfac":
+            return torch.outer(self.tensors[f"S/{layer.name}/eigvals"],
+                               self.tensors[f"A/{self.groups[layer.name]}/eigvals"])
+        if estimator == "ekfac":
+            return self.tensors[f"eigvals/{layer.name}"]
+        if estimator == "diagonal":
+            return self.tensors[f"diag/{layer.name}"]
+        return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
+
+    def precondition(self, grads: dict[str, torch.Tensor], damping: float | None = None,
+                     damping_mode: str | None = None) -> dict[str, torch.Tensor]:
+        """(Ĝ + δI)⁻¹ g per layer, V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ; δ = ``damping`` (absolute) or
+        ``damping``·mean(Λ) of the layer (relative). Defaults from the config; computed in fp32 (fp64 for a
+        fp64 fit), returned in each grad's dtype under the same keys. Cached tensors are never modified."""
+        damping = self.config.damping if damping is None else damping
+        damping_mode = self.config.damping_mode if damping_mode is None else damping_mode
+        if not float(damping) >= 0:
+            raise ConfigError("damping", damping, "must be ≥ 0")
+        if damping_mode not in DAMPING_MODES:
+            raise ConfigError("damping_mode", damping_mode, f"must be one of {', '.join(DAMPING_MODES)}")
+        out = {}
+        for spec, g in self._augmented(grads, "grads"):
+            eigvals = self.eigenvalues(spec).to(g)
+            delta = damping * eigvals.mean() if damping_mode == "relative" else damping
+            v = self._rotate(spec, g, to_eigenbasis=True) / (eigvals + delta)
+            v = self._rotate(spec, v, to_eigenbasis=False)
+            if not torch.isfinite(v).all():
+                raise ConfigError("damping", damping, f"preconditioned {spec.name} is not finite: Ĝ is singular "
+                                  "there, use a positive damping")
+            out.update(self._split(spec, v, grads))
+        return out
+
+    def predicted_kl(self, delta: dict[str, torch.Tensor]) -> float:
+        """½ Δᵀ Ĝ Δ (undamped) summed over the covered layers present in ``delta``: the predicted mean
+        per-token KL(p_θ ‖ p_θ+Δ) on the fitting set, in nats."""
+        total = 0.0
+        for spec, d in self._augmented(delta, "delta"):
+            total += 0.5 * float((self.eigenvalues(spec).to(d) * self._rotate(spec, d, True).square()).sum())
+        return total
+
+    def _augmented(self, tensors: dict[str, torch.Tensor], key: str) -> Iterator[tuple[LayerSpec, torch.Tensor]]:
+        """(layer, [W | b]) for each covered layer present in ``tensors``, in fp32 or wider (factors', input's)."""
+        unknown = sorted(set(tensors) - set(self.param_names))
+        if unknown:
+            raise ConfigError(key, unknown[:3], "parameters not covered by this curvature")
+        compute = torch.promote_types(self._factor_dtype(), torch.float32)
+        for spec in self.layers:
+            present = [name in tensors for name in spec.param_names]
+            if not any(present):
+                continue
+            if not all(present):
+                raise ConfigError(key, spec.param_names, "a layer's weight and bias must be given together")
+            w = tensors[spec.weight]
+            if tuple(w.shape) != (spec.out_features, spec.in_features - (spec.bias is not None)):
+                raise ConfigError(key, spec.weight, f"has shape {tuple(w.shape)}, the layer is "
+                                  f"{spec.out_features}×{spec.in_features - (spec.bias is not None)}")
+            parts = [w] + ([tensors[spec.bias].unsqueeze(1)] if spec.bias else [])
+            yield spec, torch.cat(parts, dim=1).to(torch.promote_types(compute, w.dtype))
+
+    def _rotate(self, spec: LayerSpec, x: torch.Tensor, to_eigenbasis: bool) -> torch.Tensor:
+        basis = self.basis(spec.name)
+        if basis is None:
+            return x
+        q_s, q_a = (q.to(x) for q in basis)
+        return q_s.T @ x @ q_a if to_eigenbasis else q_s @ x @ q_a.T
+
+    @staticmethod
+    def _split(spec: LayerSpec, v: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {spec.weight: v[:, : v.shape[1] - (spec.bias is not None)].to(like[spec.weight].dtype)}
+        if spec.bias:
+            out[spec.bias] = v[:, -1].to(like[spec.bias].dtype)
+        return out
+
+    def _factor_dtype(self) -> torch.dtype:
+        return next(iter(self.tensors.values())).dtype if self.tensors else torch.float32
+
+    def manifest(self) -> dict:
+        """The JSON-serialisable description stored beside the tensors."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "n_tokens": self.n_tokens,
+            "n_positions": self.n_positions,
+            "layers": [{**asdict(spec), "group": self.groups.get(spec.name)} for spec in self.layers],
+            "tensors": {key: list(t.shape) for key, t in self.tensors.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the directory ``path`` (``factors.safetensors`` + ``manifest.json``) atomically."""
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            save_file({k: t.detach().cpu().contiguous() for k, t in self.tensors.items()}, tmp / TENSORS_FILE)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Curvature:
+        """Read a directory written by ``save``; a missing, corrupt or inconsistent one raises ConfigError."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            tensors = load_file(path / TENSORS_FILE) if manifest["tensors"] else {}
+            if manifest["format_version"] != FORMAT_VERSION:
+                raise ValueError(f"format version {manifest['format_version']} ≠ {FORMAT_VERSION}")
+            if {k: list(t.shape) for k, t in tensors.items()} != manifest["tensors"]:
+                raise ValueError("tensors do not match the manifest")
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise ValueError("non-finite factors")
+            layers = [LayerSpec(**{k: v for k, v in d.items() if k != "group"}) for d in manifest["layers"]]
+            groups = {d["name"]: d["group"] for d in manifest["layers"] if d["group"] is not None}
+            return cls(CurvatureConfig(**manifest["config"]), layers, groups, tensors, manifest["n_tokens"],
+                       manifest["n_positions"], manifest["model_fingerprint"], manifest["data_fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            raise ConfigError("curvature.path", str(path), f"unreadable curvature file ({e})") from None
