@@ -25,10 +25,12 @@ from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed
 
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
+from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
+from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.suites import build_suite
 from kfade.tracking import make_tracker, write_results
-from kfade.unlearn import METHODS, build_method, compute_delta, save_delta
+from kfade.unlearn import METHODS, apply_delta, build_method, compute_delta, save_delta
 
 
 def print_table(results: dict, rows: list[str], keys: list[str]) -> None:
@@ -92,15 +94,30 @@ def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
     elapsed = time.perf_counter() - t0
     timings = getattr(method, "timings", {})
     delta_path = run_dir / "delta.safetensors"
-    save_delta(delta_path, compute_delta(before, model),
-               {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
+    delta = compute_delta(before, model)
+    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
     tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     metrics, record = suite.score(model)
     suite.save_record(record, run_dir)
+    if cfg.reapply.epochs > 0:
+        metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
     uses_curvature = getattr(method, "uses_curvature", False)
     return {**metrics, **hyperparameters(method_cfg, curvature if uses_curvature else None),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
             "steps": len(history)}
+
+
+def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:
+    """Finetune the reference further on retain data, then add the stored delta: does the forgetting survive?
+
+    ``reapply/finetuned/…`` scores the finetuned model, ``reapply/finetuned+delta/…`` the same plus the delta.
+    """
+    finetuned = copy.deepcopy(suite.reference)
+    recipe = TrainRecipe(max_epochs=cfg.epochs, lr=cfg.lr, warmup_steps=1, target_accuracy=1.0, seed=cfg.seed)
+    train_causal_lm(finetuned, suite.retain_features(), pad_id(suite.tokenizer), recipe, progress)
+    results = {f"reapply/finetuned/{k}": v for k, v in suite.score(finetuned)[0].items()}
+    apply_delta(finetuned, delta)
+    return results | {f"reapply/finetuned+delta/{k}": v for k, v in suite.score(finetuned)[0].items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

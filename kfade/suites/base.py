@@ -33,6 +33,10 @@ class Suite:
     def unlearn_data(self) -> UnlearnData:
         raise NotImplementedError
 
+    def retain_features(self) -> list[dict]:
+        """The retain data encoded for training (``input_ids``/``labels`` lists): further finetuning."""
+        raise NotImplementedError
+
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], object]:
         """Flat metrics of ``model`` and the suite's per-item record of them (e.g. TOFU eval logs)."""
         raise NotImplementedError

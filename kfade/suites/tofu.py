@@ -44,8 +44,15 @@ class TofuSuite(Suite):
 
     name = "tofu"
 
+    @property
+    def formatter(self) -> QAFormatter:
+        return QAFormatter(self.tokenizer, self.dataset.max_length)
+
     def batches(self, rows: list[dict]) -> list[dict]:
-        return qa_batches(rows, QAFormatter(self.tokenizer, self.dataset.max_length), self.dataset.batch_size)
+        return qa_batches(rows, self.formatter, self.dataset.batch_size)
+
+    def retain_features(self) -> list[dict]:
+        return [self.formatter.encode(r["question"], r["answer"]) for r in self.data.retain]
 
     def unlearn_data(self) -> UnlearnData:
         """Forget/retain batches and the curvature fitting set ``dataset.fit_sets`` (rows concatenated)."""

@@ -41,8 +41,15 @@ class WmdpSuite(Suite):
 
     name = "wmdp"
 
+    @property
+    def formatter(self) -> QAFormatter:
+        return QAFormatter(self.tokenizer, self.dataset.max_length)
+
     def batches(self, texts: list[str]) -> list[dict]:
-        return text_batches(texts, QAFormatter(self.tokenizer, self.dataset.max_length), self.dataset.batch_size)
+        return text_batches(texts, self.formatter, self.dataset.batch_size)
+
+    def retain_features(self) -> list[dict]:
+        return [self.formatter.encode_text(t) for t in self.data.retain_corpus]
 
     def unlearn_data(self) -> UnlearnData:
         if self.dataset.fit_sets != ["retain"]:
