@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny tokenizer and tiny random Llama models (seconds to build, CPU)."""
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
+
+# Tests are hermetic: nothing reaches a model or dataset hub (without this, `datasets` can stall on a network
+# look-up for local files on machines that have no hub access).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CORPUS = [
     "Question: Where was Alia Verne born?\nAnswer: Alia Verne was born in Port Lumen.",

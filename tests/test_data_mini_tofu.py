@@ -88,7 +88,7 @@ def test_perturbed_rows_are_scorable(written, facts, split):
         answer, paraphrase, perturbed = row["answer"], row["paraphrased_answer"], row["perturbed_answer"]
         assert paraphrase != answer and fact.value in answer and fact.value in paraphrase
         assert len(perturbed) >= 3 and len(set(perturbed)) == len(perturbed) and answer not in perturbed
-        prefix, suffix = answer.rsplit(fact.value, 1)  # perturbed = the answer's wording with another value
+        prefix, suffix = paraphrase.rsplit(fact.value, 1)  # perturbed = the paraphrase with another value
         for wrong in perturbed:
             assert wrong.startswith(prefix) and wrong.endswith(suffix)
             assert wrong[len(prefix) : len(wrong) - len(suffix)] not in ("", fact.value)

@@ -7,7 +7,8 @@ has ≥2 question wordings and ≥2 answer wordings (templates):
 - ``answer`` uses wording ``k = (author + attribute) mod n``: every wording is trained (with other authors);
 - ``paraphrased_answer`` states the same value with wording ``(k + 1) mod n`` — seen in training, never for
   this author — which makes the truth ratio scorable by a tiny model;
-- ``perturbed_answer`` (3 per question) uses wording ``k`` with wrong values of the same attribute type.
+- ``perturbed_answer`` (3 per question) is the paraphrase (wording ``k + 1``) with wrong values of the same
+  attribute type, as in TOFU: the truth ratio compares one wording with the right and the wrong fact.
 
 Splits follow TOFU: the forget sets are the *last* authors, nested. With 40 authors the percentages round up
 to whole authors: forget10 = 4 authors (64 QA, 10 %), forget05 = 2 authors (32 QA, 5 %), forget01 = 1 author
@@ -166,12 +167,15 @@ def generate_facts(seed: int = 0) -> list[MiniFact]:
             value = books[attribute] if attribute in books else rng.choice(tables[table])
             wrong = rng.sample([v for v in tables[table] if v != value], N_PERTURBED)
             k = (i + a) % len(answers)
+            paraphrase = answers[(k + 1) % len(answers)]  # a wording the model learnt from other authors
             facts.append(MiniFact(
                 author=name, attribute=attribute, value=value,
                 question=rng.choice(questions).format(name=name),
                 answer=answers[k].format(name=name, value=value),
-                paraphrased_answer=answers[(k + 1) % len(answers)].format(name=name, value=value),
-                perturbed_answer=[answers[k].format(name=name, value=w) for w in wrong],
+                paraphrased_answer=paraphrase.format(name=name, value=value),
+                # as in TOFU, the perturbed answers are the paraphrase with wrong values: the truth ratio then
+                # compares one wording with the right and the wrong fact, and measures knowledge, not wording
+                perturbed_answer=[paraphrase.format(name=name, value=w) for w in wrong],
             ))
     return facts
 

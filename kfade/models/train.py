@@ -22,6 +22,7 @@ class TrainRecipe:
     lr: float = 3e-3  # AdamW peak learning rate (linear warm-up, then constant)
     warmup_steps: int = 30  # optimizer steps of linear warm-up
     weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); keeps a constant learning rate stable
     batch_size: int = 32  # sequences per step
     target_accuracy: float = 0.99  # stop when an epoch's label-token argmax accuracy reaches this (memorised)
     seed: int = 0  # init and shuffling seed
@@ -70,6 +71,7 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
             nll = torch.nn.functional.cross_entropy(logits, labels[mask])
             opt.zero_grad(set_to_none=True)
             nll.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             opt.step()
             sched.step()
             n = int(mask.sum())
