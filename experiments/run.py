@@ -104,7 +104,7 @@ def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
     uses_curvature = getattr(method, "uses_curvature", False)
     return {**metrics, **hyperparameters(method_cfg, curvature if uses_curvature else None),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
-            "steps": len(history)}
+            "steps": len(history), **{f"last_step/{k}": v for k, v in history[-1].items() if k != "step"}}
 
 
 def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:

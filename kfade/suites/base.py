@@ -11,6 +11,7 @@ import torch
 from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
 from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
+from kfade.data.formatting import QAFormatter
 from kfade.eval.config import EvalConfig
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
@@ -29,6 +30,10 @@ class Suite:
     progress: bool
 
     name = "suite"
+
+    @property
+    def formatter(self) -> QAFormatter:
+        return QAFormatter(self.tokenizer, self.dataset.max_length)
 
     def unlearn_data(self) -> UnlearnData:
         raise NotImplementedError

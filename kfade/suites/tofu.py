@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kfade.data.config import DatasetConfig
-from kfade.data.formatting import QAFormatter, qa_batches
+from kfade.data.formatting import qa_batches
 from kfade.data.tofu import TofuData, load_tofu
 from kfade.errors import ConfigError
 from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, read_tofu_logs, write_tofu_logs
@@ -43,10 +43,6 @@ class TofuSuite(Suite):
     retrain_logs: dict | None = None  # the baseline's TOFU eval logs (forget quality needs its truth ratios)
 
     name = "tofu"
-
-    @property
-    def formatter(self) -> QAFormatter:
-        return QAFormatter(self.tokenizer, self.dataset.max_length)
 
     def batches(self, rows: list[dict]) -> list[dict]:
         return qa_batches(rows, self.formatter, self.dataset.batch_size)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kfade.data.config import DatasetConfig
-from kfade.data.formatting import QAFormatter, text_batches
+from kfade.data.formatting import text_batches
 from kfade.data.wmdp import WmdpData, load_wmdp
 from kfade.errors import ConfigError
 from kfade.eval import mean_token_kl
@@ -40,10 +40,6 @@ class WmdpSuite(Suite):
     data: WmdpData = None
 
     name = "wmdp"
-
-    @property
-    def formatter(self) -> QAFormatter:
-        return QAFormatter(self.tokenizer, self.dataset.max_length)
 
     def batches(self, texts: list[str]) -> list[dict]:
         return text_batches(texts, self.formatter, self.dataset.batch_size)
