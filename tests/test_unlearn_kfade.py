@@ -39,7 +39,9 @@ def reference_gradient(tokenizer) -> dict:
 
 
 def run(model, data, cache, curvature=IDENTITY, **cfg):
+    """One plain step unless the test says otherwise (the defaults take 5 backtracked trust-region steps)."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = {"n_steps": 1, "max_backtracks": 0, **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     history = method.run(model, data)
     return method, history, step_taken(before, model)
@@ -119,7 +121,8 @@ def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
 def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = build_method("kfade", {"step_size": 1e30, "n_steps": 3}, curvature=IDENTITY, cache_root=tmp_path)
+    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3}, curvature=IDENTITY,
+                          cache_root=tmp_path)
     with pytest.warns(UserWarning, match="K-FADE step 1 rejected"):
         history = method.run(model, qa_data(tokenizer))
     assert len(history) == 2 and "rejected" in history[1] and "forget_nll" not in history[1]
@@ -139,3 +142,17 @@ def test_kfade_needs_fitting_batches(tokenizer, tmp_path):
     forget_only = UnlearnData(forget=qa_data(tokenizer).forget)
     with pytest.raises(ConfigError, match=r"^dataset\.fit_sets="):
         KFade(KFadeConfig(), IDENTITY, tmp_path).run(make_tiny_llama(tokenizer), forget_only)
+
+
+def test_trust_region_backtracking_keeps_the_measured_retain_kl_within_budget(tokenizer, tmp_path):
+    """A budget the quadratic model overshoots (huge ε for a random model): without backtracking the measured
+    probe KL exceeds it; with backtracking η is halved until the measured KL is ≤ ε, and the log says so."""
+    curvature = CurvatureConfig(estimator="ekfac", fisher="empirical", damping=1e-3, damping_mode="relative")
+    budget = 1e-3
+    _, plain, _ = run(make_tiny_llama(tokenizer), qa_data(tokenizer), tmp_path, curvature=curvature,
+                      step_rule="trust_region", kl_budget=budget)
+    assert plain[1]["retain_kl"] > budget and "backtracks" not in plain[1]
+    _, checked, _ = run(make_tiny_llama(tokenizer), qa_data(tokenizer), tmp_path, curvature=curvature,
+                        step_rule="trust_region", kl_budget=budget, max_backtracks=30)
+    assert checked[1]["retain_kl"] <= budget and checked[1]["backtracks"] >= 1
+    assert checked[1]["eta"] == pytest.approx(plain[1]["eta"] / 2 ** checked[1]["backtracks"])
