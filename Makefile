@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
+export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test lint bench report clean-venv
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
-	$(PY) experiments/demo.py
+	PY=$(PY) experiments/sweeps/demo.sh
 
 test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest tests

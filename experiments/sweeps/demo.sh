@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# `make demo`: K-FADE (EK-FAC, trust region) against gradient ascent, GradDiff and NPO on mini-TOFU forget10,
+# then the table and Pareto plots. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
+#   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
+DIR=${1:-multirun/demo/$(date +%Y-%m-%d_%H-%M-%S)}
+"$PY" experiments/run.py -m method=kfade,mini/grad_ascent,mini/grad_diff,mini/npo hydra.sweep.dir="$DIR" "${@:2}"
+"$PY" experiments/report.py "$DIR"
