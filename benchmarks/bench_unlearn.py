@@ -3,7 +3,8 @@
 Model: a random-init tiny Llama (TinyLlamaSpec defaults: hidden 128, MLP 512, 4 layers) with a 1024-token
 vocabulary. Forget set: 64 QA-like rows of random tokens (16 prompt tokens, 24 answer tokens); the curvature is
 fit on 256 such retain rows. Both timings are whole ``run`` calls (each includes its retain-KL probe and the
-final forget-loss evaluation); K-FADE's curvature comes from the cache, as in a sweep. Goal: ratio ≤ 1.2.
+final forget-loss evaluation); K-FADE's curvature comes from the cache, as in a sweep, and its step is a normalized one
+(a trust-region backtrack would add one retain-probe pass each). Goal: ratio ≤ 1.2.
 
     python benchmarks/bench_unlearn.py [--repeats 5] [--steps 1]
 """
@@ -47,7 +48,8 @@ def main() -> None:
     data = UnlearnData(forget=random_qa(64, seed=1), retain=random_qa(256, seed=2))
     curvature = CurvatureConfig(estimator="ekfac", fisher="mc", damping=0.1, damping_mode="relative")
     with tempfile.TemporaryDirectory() as cache:
-        kfade = build_method("kfade", {"n_steps": args.steps}, curvature=curvature, cache_root=cache)
+        kfade = build_method("kfade", {"step_rule": "normalized", "step_size": 1.0, "n_steps": args.steps},
+                             curvature=curvature, cache_root=cache)
         kfade.run(copy.deepcopy(model), data)  # fits and caches the curvature
         print(f"curvature fit (EK-FAC, MC Fisher, {len(data.fit)} batches): {kfade.timings['fit_s']:.2f} s")
         kfade_s, load_s, ascent_s = [], [], []

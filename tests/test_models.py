@@ -1,0 +1,64 @@
+"""Model loading by local path (with clear errors), and the tiny trainer's stop-at-memorisation rule."""
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from kfade.data.formatting import QAFormatter, pad_id
+from kfade.errors import ConfigError
+from kfade.models.load import load_model
+from kfade.models.train import TrainRecipe, train_causal_lm
+
+
+def test_local_model_round_trip_in_the_requested_dtype(tokenizer, tmp_path):
+    model = make_tiny_llama(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path), dtype="bfloat16")
+    assert next(loaded.parameters()).dtype == torch.bfloat16 and not loaded.training
+    assert tok.pad_token_id == tokenizer.pad_token_id
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters(), strict=True):
+        torch.testing.assert_close(p.to(torch.bfloat16), q, msg=name)
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("missing", "no such local path"),
+    ("no_tokenizer", "no tokenizer"),
+    ("no_config", "no config.json"),
+])
+def test_bad_model_paths_are_one_line_errors(tokenizer, tmp_path, setup, message):
+    path = tmp_path / "model"
+    if setup != "missing":
+        path.mkdir()
+        if setup == "no_tokenizer":
+            make_tiny_llama(tokenizer).save_pretrained(path)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_model(str(path))
+    assert str(err.value).startswith("model.path=") and "\n" not in str(err.value)
+
+
+def test_bad_dtype_names_the_key(tokenizer, tmp_path):
+    make_tiny_llama(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_model(str(tmp_path), dtype="float8")
+
+
+def test_training_memorises_then_stops(tokenizer):
+    rows = [("Where was Alia Verne born?", "Port Lumen."), ("What genre does Tomas Reed write?", "Mystery.")]
+    formatter = QAFormatter(tokenizer)
+    features = [formatter.encode(q, a) for q, a in rows]
+    model = make_tiny_llama(tokenizer)
+    stats = train_causal_lm(model, features, pad_id(tokenizer), TrainRecipe(max_epochs=300, lr=1e-2, warmup_steps=1,
+                                                                             batch_size=2), progress=False)
+    assert stats.accuracy >= 0.99 and stats.epochs < 300  # stopped at memorisation, not at the epoch cap
+    assert 0 < stats.loss < 1.0
+    for q, a in rows:  # the answers are reproduced greedily
+        prompt = torch.tensor([formatter.prompt_ids(q)])
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=pad_id(tokenizer))
+        assert tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == a
+
+
+def test_bad_recipe_names_the_key(tokenizer):
+    with pytest.raises(ConfigError, match="model.recipe.lr"):
+        train_causal_lm(make_tiny_llama(tokenizer), [], 0, TrainRecipe(lr=0.0), progress=False)
