@@ -57,6 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     method_name = cfg.method.name
     if method_name != "none" and method_name not in METHODS:
         raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
+    method = None if method_name == "none" else configured_method(cfg)  # every config checked before any work
 
     group = logger_cfg.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -70,8 +71,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         results["time/prepare_s"] = time.perf_counter() - t0
         rows = ["reference", "retrain"] + (["noise_floor"] if cfg.noise_floor else [])
         results["method"] = method_name
-        if method_name != "none":
-            results |= unlearn(cfg, suite, run_dir, tracker)
+        if method is not None:
+            results |= unlearn(cfg, method, suite, run_dir, tracker)
             rows.append("unlearned")
         write_results(run_dir, results)
         tracker.summary(results)
@@ -80,13 +81,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
-    """Run the method on a copy of the reference model; save its delta and score it."""
-    config_cls, _ = METHODS[cfg.method.name]
-    method_cfg = typed(cfg.method, config_cls, "method")
+def configured_method(cfg: DictConfig):
+    """The method of ``cfg.method`` with its validated config (and the curvature config, for K-FADE)."""
+    method_cfg = typed(cfg.method, METHODS[cfg.method.name][0], "method")
     curvature = typed(cfg.curvature, CurvatureConfig, "curvature")  # damping/ lands in curvature too
-    method = build_method(cfg.method.name, method_cfg, curvature=curvature, cache_root=str(cache_dir() / "curvature"),
-                          progress=cfg.progress)
+    return build_method(cfg.method.name, method_cfg, curvature=curvature, cache_root=str(cache_dir() / "curvature"),
+                        progress=cfg.progress)
+
+
+def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
+    """Run the method on a copy of the reference model; save its delta and score it."""
     model = copy.deepcopy(suite.reference)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     t0 = time.perf_counter()
@@ -102,7 +106,7 @@ def unlearn(cfg: DictConfig, suite, run_dir: Path, tracker) -> dict:
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
     uses_curvature = getattr(method, "uses_curvature", False)
-    return {**metrics, **hyperparameters(method_cfg, curvature if uses_curvature else None),
+    return {**metrics, **hyperparameters(method.cfg, method.curvature_cfg if uses_curvature else None),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
             "steps": len(history), **{f"last_step/{k}": v for k, v in history[-1].items() if k != "step"}}
 

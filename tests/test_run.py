@@ -57,6 +57,31 @@ def test_baseline_run_scores_reference_and_retrain_and_caches_them(cache, tmp_pa
         {k: v for k, v in results.items() if not k.startswith("time/")}
 
 
+def test_kfade_run_saves_a_delta_scores_it_and_a_sweep_reuses_one_curvature_fit(cache, tmp_path):
+    results = run_in_process(tmp_path / "a", "method=kfade", "method.kl_budget=0.05", "method.n_steps=2")
+    assert results["method"] == "kfade" and results["hp/kl_budget"] == 0.05
+    assert results["hp/curvature/estimator"] == "ekfac" and results["time/fit_s"] > 0
+    for key in ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "last_step/retain_kl"):
+        assert key in results
+    assert (tmp_path / "a" / "delta.safetensors").is_file()
+    assert (tmp_path / "a" / "tofu_logs" / "eval_log_forget.json").is_file()
+    fits = sorted(p.name for p in (cache / "curvature").iterdir())
+    assert len(fits) == 1
+    other = run_in_process(tmp_path / "b", "method=kfade", "method.kl_budget=0.2", "curvature.damping=1.0")
+    assert sorted(p.name for p in (cache / "curvature").iterdir()) == fits  # η/ε and λ sweeps: no refit
+    assert other["hp/curvature/damping"] == 1.0
+    run_in_process(tmp_path / "c", "method=kfade", "curvature=kfac")
+    assert len(list((cache / "curvature").iterdir())) == 2  # another estimator: one more fit
+
+
+def test_mini_wmdp_run_scores_lm_eval_tasks_for_every_model(cache, tmp_path):
+    results = run_in_process(tmp_path, "experiment=mini_wmdp", "method=none", "eval.lm_eval_limit=8")
+    for prefix in ("reference", "retrain"):
+        for task in ("mini_wmdp", "mini_mmlu"):
+            assert 0.0 <= results[f"{prefix}/{task}/acc"] <= 1.0
+    assert results["retrain/kl_retrain/retain"] == 0.0 and results["reference/kl_retrain/forget"] > 0.0
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("dataset.forget_split=forget42", "dataset.forget_split"),
     ("dataset.source=/no/such/dir", "dataset.source"),

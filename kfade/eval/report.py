@@ -91,6 +91,15 @@ def table_columns(rows: list[dict]) -> list[str]:
     return [c for c in wanted if c in keys]
 
 
+def varying_columns(rows: list[dict], columns: list[str]) -> list[str]:
+    """``columns`` less the ``hp/…`` ones that take fewer than two values over the jobs: the sweep's knobs stay."""
+    jobs = [row for row in rows if row.get("method") not in REFERENCE_METHODS]
+    def values(column: str) -> set[str]:
+        return {repr(row[column]) for row in jobs if row.get(column) is not None}
+
+    return [c for c in columns if not c.startswith("hp/") or len(values(c)) > 1]
+
+
 def _cell(value, precision: int | None) -> str:
     if value is None:
         return ""
@@ -100,9 +109,9 @@ def _cell(value, precision: int | None) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    """A GitHub-markdown table; floats to 4 significant digits, missing values blank."""
+    """A GitHub-markdown table; floats to 4 significant digits, missing values blank, ``|`` escaped."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c), 4) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row.get(c), 4).replace("|", "\\|") for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -116,12 +125,12 @@ def csv_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
-    """Write ``report.md``, ``report.csv`` and ``pareto.png`` into ``sweep_dir``; returns the collected results
-    and the markdown text (table, then the skipped jobs)."""
+    """Write ``report.md`` (hyperparameters that vary only), ``report.csv`` (all) and ``pareto.png`` into
+    ``sweep_dir``; returns the collected results and the markdown text (table, then the skipped jobs)."""
     root = Path(sweep_dir)
     sweep = collect_results(root)
     columns = table_columns(sweep.rows)
-    markdown = markdown_table(sweep.rows, columns)
+    markdown = markdown_table(sweep.rows, varying_columns(sweep.rows, columns))  # the CSV keeps every column
     if sweep.skipped:
         markdown += f"\nSkipped {len(sweep.skipped)} broken job(s):\n"
         markdown += "".join(f"- {job}: {reason}\n" for job, reason in sweep.skipped)

@@ -17,7 +17,7 @@ from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Suite:
     """A benchmark with its models: ``reference`` (to unlearn; methods get a copy) and ``retrains`` (the retrain
     baseline, and with ``noise_floor`` a second seed of it)."""

@@ -37,9 +37,9 @@ def training_sets(data: TofuData) -> TrainingSets:
                         reference_qa=data.full + general, retrain_qa=data.retain + general)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TofuSuite(Suite):
-    data: TofuData = None
+    data: TofuData
     retrain_logs: dict | None = None  # the baseline's TOFU eval logs (forget quality needs its truth ratios)
 
     name = "tofu"
@@ -105,5 +105,6 @@ def build_tofu_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cf
     retrain_logs = None
     if model_cfg.retrain_path and is_log_dir(model_cfg.retrain_path):
         retrain_logs = read_tofu_logs(model_cfg.retrain_path, key="model.retrain_path")
-    suite = TofuSuite(tokenizer, reference, retrains, dataset_cfg, eval_cfg, progress, data, retrain_logs)
+    suite = TofuSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
+                      progress=progress, data=data, retrain_logs=retrain_logs)
     return suite, suite.baseline_scores(reference_path, retrain_paths)

@@ -35,9 +35,9 @@ def training_sets(data: WmdpData) -> TrainingSets:
                         reference_texts=data.forget_corpus + data.retain_corpus, retrain_texts=data.retain_corpus)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WmdpSuite(Suite):
-    data: WmdpData = None
+    data: WmdpData
 
     name = "wmdp"
 
@@ -76,5 +76,6 @@ def build_wmdp_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cf
     data = load_wmdp(dataset_cfg.source, dataset_cfg.forget_corpora, dataset_cfg.retain_corpora)
     reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
         model_cfg, training_sets(data), noise_floor, progress)
-    suite = WmdpSuite(tokenizer, reference, retrains, dataset_cfg, eval_cfg, progress, data)
+    suite = WmdpSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
+                      progress=progress, data=data)
     return suite, suite.baseline_scores(reference_path, retrain_paths)
