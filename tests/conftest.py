@@ -2,15 +2,15 @@
 
 import os
 
-import pytest
-import torch
-from transformers import LlamaForCausalLM
-
-from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
-
 # Tests are hermetic: nothing reaches a model or dataset hub (without this, `datasets` can stall on a network
-# look-up for local files on machines that have no hub access).
+# look-up for local files on machines that have no hub access). Set before huggingface_hub is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer  # noqa: E402
 
 CORPUS = [
     "Question: Where was Alia Verne born?\nAnswer: Alia Verne was born in Port Lumen.",
