@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kfade.errors import ConfigError
 from kfade.eval.report import aggregate_log_dirs, write_report
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _, markdown = write_report(args.sweep_dir)
             print(markdown, end="")
+            root = Path(args.sweep_dir)
+            print(f"\nwritten: {root / 'report.md'}, {root / 'report.csv'}, plot: {root / 'pareto.png'}")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
