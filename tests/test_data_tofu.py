@@ -6,8 +6,9 @@ import datasets
 import pytest
 
 from kfade.data import tofu
+from kfade.data.files import resolve_source
 from kfade.data.mini_tofu import REFERENCE_DIR, mini_tofu_splits
-from kfade.data.tofu import load_tofu, load_tofu_split, resolve_source
+from kfade.data.tofu import load_tofu, load_tofu_split
 from kfade.errors import ConfigError
 
 CONFIGS = ("forget10", "retain90", "forget10_perturbed", "retain_perturbed", "real_authors_perturbed",

@@ -7,35 +7,26 @@
   read by the same local-directory code path as any other copy;
 - a local directory holding one file per config name (``forget10``, ``retain90``, ``forget10_perturbed``,
   ``retain_perturbed``, ``real_authors_perturbed``, ``world_facts_perturbed``, ``full``) in one of the layouts
-  of :data:`LAYOUTS` — TOFU's own JSON-lines files, plain parquet, a ``push_to_hub`` snapshot
+  of :data:`kfade.data.files.LAYOUTS` — TOFU's own JSON-lines files, plain parquet, a ``push_to_hub`` snapshot
   (``<name>/train-00000-of-00001.parquet`` or ``data/<name>-00000-of-00001.parquet``) or the Hub's parquet
   conversion (``<name>/train/0000.parquet``);
 - a Hub id ``owner/name`` (e.g. :data:`TOFU_HUB_ID`): ``datasets.load_dataset(hub_id, name, split="train")``.
 
-The local helpers here (:func:`resolve_source`, :func:`read_split`, :func:`require_fields`,
-:func:`materialise`) are shared with :mod:`kfade.data.wmdp`.
+Local files are found and read by :mod:`kfade.data.files` (shared with :mod:`kfade.data.wmdp`).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
-from kfade.cache import atomic_path, cache_dir, fingerprint
 from kfade.data import mini_tofu
+from kfade.data.files import materialise, read_split, require_fields, resolve_source
 from kfade.errors import ConfigError
 
 TOFU_HUB_ID = "locuslab/TOFU"
-LAYOUTS = ("{name}.json", "{name}.jsonl", "{name}.parquet", "{name}.txt", "{name}/train-*.parquet",
-           "{name}/train/*.parquet", "data/{name}-*.parquet")
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}  # suffix -> builder
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 QA_FIELDS = ("question", "answer")
 REFERENCE_FIELDS = ("question", "answer", "perturbed_answer")
 PERTURBED_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
@@ -55,67 +46,6 @@ class TofuData:
     world_facts: list[dict]  # world_facts_perturbed: same fields
     source: str  # what was loaded: resolved directory or Hub id (for fingerprints and logs)
     full: list[dict]  # "full": every author's QA, what the reference model is trained on
-
-
-def resolve_source(source: str, make_mini: Callable[[], Path], key: str = "dataset.source") -> Path | str:
-    """``"mini"`` → ``make_mini()``; an existing directory → its path; a Hub id → the id; else ConfigError."""
-    if source == "mini":
-        return make_mini()
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConfigError(key, source, "is a file; expected a directory with one file per split")
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        raise ConfigError(key, source, "no such directory")
-    if HUB_ID.match(source):
-        return source
-    raise ConfigError(key, source, "unknown source; expected 'mini', an existing directory or a Hub id")
-
-
-def split_files(directory: Path, name: str) -> list[Path]:
-    """The files holding config ``name`` in ``directory``: the first of :data:`LAYOUTS` that matches."""
-    for layout in LAYOUTS:
-        files = sorted(Path(p) for p in glob.glob(str(directory / layout.format(name=glob.escape(name)))))
-        if files:
-            return files
-    return []
-
-
-def read_split(directory: Path, name: str, key: str, value) -> list[dict]:
-    """Rows of config ``name`` via a ``datasets`` builder (json, parquet, text); no file → ConfigError."""
-    files = split_files(directory, name)
-    if not files:
-        raise ConfigError(key, value, f"no file for split {name!r} in {directory} "
-                                      f"(layouts: {', '.join(LAYOUTS)})")
-    if all(f.stat().st_size == 0 for f in files):
-        return []  # datasets refuses empty files; an empty split is the caller's to judge
-    try:
-        dataset = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                        split="train")
-    except Exception as err:  # datasets raises many types for unreadable files: report them all alike
-        raise ConfigError(key, value, f"cannot read split {name!r} from {files[0]}: "
-                                    f"{type(err).__name__}: {' '.join(str(err).split())}") from err
-    return dataset.to_list()
-
-
-def require_fields(rows: list[dict], fields: tuple[str, ...], split: str, key: str, value) -> None:
-    """ConfigError naming the split and field when any row lacks (or has null) one of ``fields``."""
-    for field in fields:
-        missing = [i for i, row in enumerate(rows) if row.get(field) is None]
-        if missing:
-            raise ConfigError(key, value, f"split {split!r}: {len(missing)} rows (first: row {missing[0]}) "
-                                          f"lack field {field!r}")
-
-
-def materialise(prefix: str, write: Callable[[Path, int], object], inputs: list[Path], seed: int) -> Path:
-    """``cache_dir()/data/<prefix>-<fingerprint of the inputs' bytes and seed>``, written atomically once."""
-    digests = [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]
-    path = cache_dir() / "data" / f"{prefix}-{fingerprint({'inputs': digests, 'seed': seed})}"
-    if not path.is_dir():
-        with atomic_path(path) as tmp:
-            write(tmp, seed)
-    return path
 
 
 def mini_tofu_dir(seed: int = 0) -> Path:

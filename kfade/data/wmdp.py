@@ -7,7 +7,7 @@ Real layout (one directory; the forget corpora are gated, so the Hub is not read
 - multiple choice: ``wmdp_bio.jsonl``, ``wmdp_cyber.jsonl``, ``mmlu*.jsonl`` with ``question`` (str),
   ``choices`` (4 str) and ``answer`` (int index) — the ``cais/wmdp`` schema lm-eval reads.
 
-Corpora may also be ``.json``/``.parquet`` or Hub-style snapshots (see :data:`kfade.data.tofu.LAYOUTS`); MCQ
+Corpora may also be ``.json``/``.parquet`` or Hub-style snapshots (see :data:`kfade.data.files.LAYOUTS`); MCQ
 files must be ``<task>.jsonl`` so that lm-eval task YAMLs can point at :attr:`WmdpData.mcq_dir`.
 
 ``"mini"`` writes :mod:`kfade.data.mini_wmdp` (``forget_corpus.jsonl``, ``retain_corpus.jsonl``,
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfade.data import mini_wmdp
-from kfade.data.tofu import materialise, read_split, require_fields, resolve_source
+from kfade.data.files import materialise, read_split, require_fields, resolve_source
 from kfade.errors import ConfigError
 
 MINI_CORPORA = (["forget_corpus"], ["retain_corpus"])  # (forget, retain) file stems of "mini"
