@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kfade.errors import ConfigError
 from kfade.eval.modes import evaluating
-from kfade.eval.scoring import label_token_logits
+from kfade.models.logits import label_logits, token_kl
 
 
 def mean_token_kl(reference_model: torch.nn.Module, model: torch.nn.Module,
@@ -24,13 +23,12 @@ def mean_token_kl(reference_model: torch.nn.Module, model: torch.nn.Module,
     total, tokens = 0.0, 0
     with evaluating(reference_model, model):
         for batch in tqdm(batches, desc="KL to reference", disable=not progress, leave=False):
-            reference_logits = label_token_logits(reference_model, batch)[0]
-            logits = label_token_logits(model, batch)[0].to(reference_logits.device)
+            reference_logits = label_logits(reference_model, batch).logits
+            logits = label_logits(model, batch).logits.to(reference_logits.device)
             if logits.shape[-1] != reference_logits.shape[-1]:
                 raise ConfigError("model", logits.shape[-1], "vocabulary size differs from the reference "
                                   f"model's ({reference_logits.shape[-1]})")
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference_logits, -1), log_target=True,
-                          reduction="none").sum(-1)
+            kl = token_kl(reference_logits, logits, reduction="none")
             total += kl.double().sum().item()
             tokens += kl.numel()
     if tokens == 0:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.eval.modes import evaluating
-from kfade.eval.scoring import model_device
+from kfade.models.logits import model_device
 
 
 def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:

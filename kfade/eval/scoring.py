@@ -18,26 +18,7 @@ from tqdm.auto import tqdm
 from kfade.data.formatting import IGNORE_INDEX, QAFormatter, batched, pad_id
 from kfade.errors import ConfigError
 from kfade.eval.modes import evaluating
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of the model's first parameter (where its input ids must live)."""
-    return next(model.parameters()).device
-
-
-def label_token_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """fp32 logits ``[N, V]`` predicting the batch's N label tokens, their targets ``[N]`` and rows ``[N]``.
-
-    Labels follow the Hugging Face convention (aligned with ``input_ids``): position t's logits predict label
-    t+1. Only label positions are upcast to fp32: a bf16 model never holds a full fp32 ``[B, T, V]`` tensor.
-    """
-    device = model_device(model)
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-    logits = model(**inputs).logits
-    targets = batch["labels"][:, 1:].to(device)
-    mask = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)[mask]
-    return logits[:, :-1][mask].float(), targets[mask], rows
+from kfade.models.logits import label_logits
 
 
 def answer_losses(model: torch.nn.Module, formatter: QAFormatter, questions: Sequence[str],
@@ -59,7 +40,7 @@ def answer_losses(model: torch.nn.Module, formatter: QAFormatter, questions: Seq
     sums, counts = [], []
     with evaluating(model):
         for batch in tqdm(batches, desc="answer losses", disable=not progress, leave=False):
-            logits, targets, rows = label_token_logits(model, batch)
+            logits, targets, rows = label_logits(model, batch)
             nll = F.cross_entropy(logits, targets, reduction="none").double()
             n_rows = batch["input_ids"].shape[0]
             row_sums = torch.zeros(n_rows, dtype=torch.float64, device=nll.device).index_add_(0, rows, nll)

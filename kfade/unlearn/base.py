@@ -86,10 +86,6 @@ def require_choice(cfg, name: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"method.{name}", value, f"choose one of {list(choices)}")
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Copies of the named parameters on the CPU (exact; keeps accelerator memory free)."""
     params = dict(model.named_parameters())

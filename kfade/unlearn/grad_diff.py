@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kfade.models.logits import label_logits, token_kl
 from kfade.unlearn.base import Batch, UnlearnData, require_choice, require_nonnegative
 from kfade.unlearn.first_order import FirstOrderConfig, FirstOrderMethod
-from kfade.unlearn.losses import label_logits, mean_token_nll, token_kl
+from kfade.unlearn.losses import mean_token_nll
 
 RETAIN_LOSSES = ("nll", "kl")
 

@@ -6,33 +6,13 @@ Labels follow the Hugging Face convention: ``logits[:, t]`` predicts ``labels[:,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kfade.data.formatting import IGNORE_INDEX
-from kfade.unlearn.base import Batch, count_label_tokens, model_device, requires_grad_only
-
-
-class LabelLogits(NamedTuple):
-    """fp32 logits ``[N, V]`` at the N positions that predict a label; their labels and rows ``[N]``."""
-
-    logits: torch.Tensor
-    labels: torch.Tensor
-    rows: torch.Tensor
-
-
-def label_logits(model: torch.nn.Module, batch: Batch) -> LabelLogits:
-    """One forward pass; keeps only the positions whose next-token label counts."""
-    device = model_device(model)
-    input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)[mask]
-    return LabelLogits(logits[:, :-1][mask].float(), targets[mask], rows)
+from kfade.models.logits import label_logits, token_kl
+from kfade.unlearn.base import Batch, count_label_tokens, requires_grad_only
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -52,12 +32,6 @@ def sequence_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     out = label_logits(model, batch)
     token_logp = -F.cross_entropy(out.logits, out.labels, reduction="none")
     return torch.zeros(batch["labels"].shape[0], device=token_logp.device).index_add(0, out.rows, token_logp)
-
-
-def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Σ over rows of KL(softmax(reference) ‖ softmax(logits)); both ``[N, V]`` fp32; grad flows to logits."""
-    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference_logits, -1), log_target=True,
-                    reduction="sum")
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from kfade.errors import ConfigError
-from kfade.unlearn.base import Batch, UnlearnData, model_device, require_nonnegative, require_positive
+from kfade.models.logits import model_device
+from kfade.unlearn.base import Batch, UnlearnData, require_nonnegative, require_positive
 from kfade.unlearn.first_order import FirstOrderConfig, FirstOrderMethod
 
 
