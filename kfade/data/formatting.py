@@ -8,7 +8,7 @@ token does. Sequences are right-padded with the tokenizer's pad token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +109,3 @@ def pad_id(tokenizer) -> int:
     if pid is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token")
     return pid
-
-
-def iterate(batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str) -> Iterator[dict]:
-    """Move each batch to ``device`` as it is consumed."""
-    for b in batches:
-        yield {k: v.to(device) for k, v in b.items()}
