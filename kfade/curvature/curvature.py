@@ -59,10 +59,11 @@ class Curvature:
         return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
 
     def precondition(self, grads: dict[str, torch.Tensor], damping: float | None = None,
-                     damping_mode: str | None = None) -> dict[str, torch.Tensor]:
+                     damping_mode: str | None = None, shift: float = 0.0) -> dict[str, torch.Tensor]:
         """(Ĝ + δI)⁻¹ g per layer, V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ; δ = ``damping`` (absolute) or
-        ``damping``·mean(Λ) of the layer (relative). Defaults from the config; computed in fp32 (fp64 for a
-        fp64 fit), returned in each grad's dtype under the same keys. Cached tensors are never modified."""
+        ``damping``·mean(Λ) of the layer (relative), plus ``shift`` (absolute: e.g. the λ of a system
+        (G + λI)x = g this preconditions). Defaults from the config; computed in fp32 (fp64 for a fp64 fit),
+        returned in each grad's dtype under the same keys. Cached tensors are never modified."""
         damping = self.config.damping if damping is None else damping
         damping_mode = self.config.damping_mode if damping_mode is None else damping_mode
         if not float(damping) >= 0:
@@ -72,7 +73,7 @@ class Curvature:
         out = {}
         for spec, g in self._augmented(grads, "grads"):
             eigvals = self.eigenvalues(spec).to(g)
-            delta = damping * eigvals.mean() if damping_mode == "relative" else damping
+            delta = (damping * eigvals.mean() if damping_mode == "relative" else damping) + shift
             v = self._rotate(spec, g, to_eigenbasis=True) / (eigvals + delta)
             v = self._rotate(spec, v, to_eigenbasis=False)
             if not torch.isfinite(v).all():

@@ -7,10 +7,9 @@ history; ``log`` is called with each history record as it is produced.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,18 +97,3 @@ def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for n, value in saved.items():
         params[n].copy_(value)
-
-
-@contextlib.contextmanager
-def requires_grad_only(model: torch.nn.Module, names: Sequence[str]) -> Iterator[list[torch.nn.Parameter]]:
-    """Within the block exactly the named parameters require grad (yielded in order); flags restored after."""
-    wanted = set(names)
-    params = dict(model.named_parameters())
-    before = {n: p.requires_grad for n, p in params.items()}
-    try:
-        for n, p in params.items():
-            p.requires_grad_(n in wanted)
-        yield [params[n] for n in names]
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(before[n])

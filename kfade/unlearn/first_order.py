@@ -15,13 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from kfade.errors import ConfigError
+from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import (
     Batch,
     LogFn,
     UnlearnData,
     require_nonnegative,
     require_positive,
-    requires_grad_only,
 )
 from kfade.unlearn.losses import RetainKLProbe, forget_nll
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kfade.models.logits import label_logits, token_kl
-from kfade.unlearn.base import Batch, count_label_tokens, requires_grad_only
+from kfade.models.params import requires_grad_only
+from kfade.unlearn.base import Batch, count_label_tokens
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
