@@ -39,9 +39,9 @@ def reference_gradient(tokenizer) -> dict:
 
 
 def run(model, data, cache, curvature=IDENTITY, **cfg):
-    """One plain step unless the test says otherwise (the defaults take 5 backtracked trust-region steps)."""
+    """One plain direct trust-region step unless the test says otherwise."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = {"n_steps": 1, "max_backtracks": 0, **cfg}
+    cfg = {"n_steps": 1, "max_backtracks": 0, "solver": "direct", "step_rule": "trust_region", **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     history = method.run(model, data)
     return method, history, step_taken(before, model)
@@ -105,15 +105,15 @@ def test_trust_region_sets_the_damped_quadratic_form(tokenizer, tmp_path):
 def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
     data, records = qa_data(tokenizer), []
     curvature = CurvatureConfig(estimator="ekfac", damping=0.1, damping_mode="relative")
-    method = build_method("kfade", {"step_size": 0.5, "step_rule": "normalized", "n_steps": 3},
+    method = build_method("kfade", {"step_size": 0.5, "step_rule": "normalized", "n_steps": 3, "solver": "direct"},
                           curvature=curvature, cache_root=tmp_path)
     history = method.run(make_tiny_llama(tokenizer), data, log=records.append)
     assert records == history and [r["step"] for r in history] == [0, 1, 2, 3]
-    assert set(history[1]) == {"step", "forget_nll", "retain_kl", "predicted_kl", "step_norm", "eta"}
+    assert set(history[1]) == {"step", "forget_nll", "forget_prob", "retain_kl", "predicted_kl", "step_norm", "eta"}
     assert history[3]["forget_nll"] > history[0]["forget_nll"] and all(r["retain_kl"] > 0 for r in history[1:])
     assert set(method.timings) == {"fit_s", "unlearn_s"}
     stored = sorted(tmp_path.iterdir())
-    build_method("kfade", {"n_steps": 1}, curvature=curvature, cache_root=tmp_path).run(
+    build_method("kfade", {"n_steps": 1, "cg_iters": 2}, curvature=curvature, cache_root=tmp_path).run(
         make_tiny_llama(tokenizer), data)
     assert sorted(tmp_path.iterdir()) == stored and len(stored) == 1
 
@@ -121,8 +121,8 @@ def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
 def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3}, curvature=IDENTITY,
-                          cache_root=tmp_path)
+    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3, "solver": "direct"},
+                          curvature=IDENTITY, cache_root=tmp_path)
     with pytest.warns(UserWarning, match="K-FADE step 1 rejected"):
         history = method.run(model, qa_data(tokenizer))
     assert len(history) == 2 and "rejected" in history[1] and "forget_nll" not in history[1]
@@ -132,7 +132,10 @@ def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("field, value", [("n_steps", 0), ("step_size", 0.0), ("step_size", -1.0),
                                           ("kl_budget", 0.0), ("step_rule", "newton"), ("damping", -1.0),
-                                          ("damping_mode", "scaled")])
+                                          ("damping_mode", "scaled"), ("solver", "lu"), ("cg_iters", 0),
+                                          ("cg_tol", -1.0), ("cg_damping", float("nan")),
+                                          ("cg_damping_mode", "scaled"), ("cg_batches", 0), ("ggn_mode", "reverse"),
+                                          ("target_forget_prob", 1.0), ("target_forget_prob", 0.0)])
 def test_bad_kfade_config_names_its_field(field, value):
     with pytest.raises(ConfigError, match=rf"^method\.{field}="):
         KFadeConfig(**{field: value})

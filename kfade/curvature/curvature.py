@@ -58,6 +58,14 @@ class Curvature:
             return self.tensors[f"diag/{layer.name}"]
         return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
 
+    def mean_eigenvalue(self) -> float | None:
+        """tr(Ĝ) / (number of covered parameters), the scale of a relative λ; None for the identity (no data).
+        For EK-FAC and the diagonal, tr(Ĝ) estimates tr(G) without bias (the diagonals match in expectation)."""
+        if self.config.estimator == "identity":
+            return None
+        total = sum(float(self.eigenvalues(spec).double().sum()) for spec in self.layers)
+        return total / sum(spec.out_features * spec.in_features for spec in self.layers)
+
     def precondition(self, grads: dict[str, torch.Tensor], damping: float | None = None,
                      damping_mode: str | None = None, shift: float = 0.0) -> dict[str, torch.Tensor]:
         """(Ĝ + δI)⁻¹ g per layer, V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ; δ = ``damping`` (absolute) or

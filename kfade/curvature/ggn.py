@@ -83,7 +83,7 @@ class GaussNewton:
             raise ConfigError("batches", "labels", "no label tokens (all labels are -100 or padding)")
         self.compute_dtype = torch.promote_types(params[self.names[0]].dtype, torch.float32)
         if mode == "auto":
-            mode = "double_backward" if retain_graphs else "forward"
+            mode = "double_backward"  # measured faster than forward mode on CPU (bench_unlearn)
         if retain_graphs and mode != "double_backward":
             raise ConfigError("method.ggn_mode", mode, "retained graphs need mode double_backward")
         self.mode, self.retain_graphs = mode, retain_graphs
@@ -105,6 +105,20 @@ class GaussNewton:
                     acc.add_(g)
         self.products += 1
         return {n: t / self.n_tokens for n, t in out.items()}
+
+    def mean_eigenvalue(self, probes: int = 4, seed: int = 0) -> float:
+        """tr(G) / (number of parameters) by Hutchinson's estimator: the mean of zᵀGz over ``probes`` Rademacher
+        vectors z, divided by their length (``probes`` products)."""
+        params = dict(self.model.named_parameters())
+        generator = torch.Generator().manual_seed(seed)
+        size = sum(params[n].numel() for n in self.names)
+        total = 0.0
+        for _ in range(probes):
+            z = {n: (torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1).to(self.compute_dtype)
+                 for n in self.names}
+            gz = self.matvec(z)
+            total += sum(float((gz[n].double() * z[n].double()).sum()) for n in self.names)
+        return total / probes / size
 
     def _batch_product(self, i: int, v: Vector) -> tuple[torch.Tensor, ...]:
         """Σ_t over batch i of J_tᵀ H_t J_t v (unnormalised)."""

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
+from kfade.eval.matched import matched_csv, matched_markdown, matched_rows, variant
 from kfade.eval.report_plots import write_pareto_plot
 from kfade.eval.tofu_logs import aggregate_tofu_logs, read_tofu_logs
 from kfade.tracking import RESULTS_FILE, read_results
 
 REFERENCE_METHODS = ("retrain", "reference")  # models every job is compared against, shown once each
-METRIC_COLUMNS = ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "forget/prob")
+METRIC_COLUMNS = ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain",
+                  "forget/prob")
 TIME_COLUMNS = ("time/fit_s", "time/unlearn_s")
 
 
@@ -125,8 +127,9 @@ def csv_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
-    """Write ``report.md`` (hyperparameters that vary only), ``report.csv`` (all) and ``pareto.png`` into
-    ``sweep_dir``; returns the collected results and the markdown text (table, then the skipped jobs)."""
+    """Write ``report.md`` (hyperparameters that vary only), ``report.csv`` (all), ``matched.md`` and
+    ``matched.csv`` (every variant at matched forget P̄, ``kfade.eval.matched``) and ``pareto.png`` into
+    ``sweep_dir``; returns the collected results and the markdown text (table, skipped jobs, matched table)."""
     root = Path(sweep_dir)
     sweep = collect_results(root)
     columns = table_columns(sweep.rows)
@@ -134,11 +137,15 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
     if sweep.skipped:
         markdown += f"\nSkipped {len(sweep.skipped)} broken job(s):\n"
         markdown += "".join(f"- {job}: {reason}\n" for job, reason in sweep.skipped)
-    for name, text in (("report.md", markdown), ("report.csv", csv_table(sweep.rows, columns))):
+    matched = matched_rows(sweep.rows, exclude_methods=REFERENCE_METHODS)
+    outputs = {"report.md": markdown, "report.csv": csv_table(sweep.rows, columns),
+               "matched.md": matched_markdown(matched), "matched.csv": matched_csv(matched)}
+    for name, text in outputs.items():
         with atomic_path(root / name) as tmp:
             tmp.write_text(text)
-    write_pareto_plot(sweep.rows, root / "pareto.png", REFERENCE_METHODS)
-    return sweep, markdown
+    write_pareto_plot(sweep.rows, root / "pareto.png", REFERENCE_METHODS, group=variant)
+    heading = "\nAt matched forget P̄ (interpolated; — = outside the swept range):\n\n"
+    return sweep, markdown + heading + outputs["matched.md"]
 
 
 def aggregate_log_dirs(tofu_logs: str | os.PathLike, retain_logs: str | os.PathLike) -> dict[str, float]:

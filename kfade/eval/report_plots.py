@@ -1,21 +1,24 @@
-"""The sweep's Pareto plot: forget quality vs model utility, and forget quality vs KL to the retrain model.
+"""The sweep's Pareto plot: forget quality vs model utility, forget quality vs KL to the retrain model, and the
+KL from the reference on retain data vs forget P̄ (the matched-forgetting view).
 
 Forget quality (a KS-test p-value, higher = closer to the retrain model) spans decades, so its axis is log
 scaled; so is the KL axis when its values do (symlog, linear below the smallest positive value, when one of
-them is 0, e.g. the retrain model itself). Each method is one colour; reference models are black markers.
+them is 0, e.g. the retrain model itself). Each variant (``group`` of a row) is one colour, its runs joined by a
+line in x order (its front as the strength varies); reference models are black markers.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from matplotlib.figure import Figure
 
 from kfade.cache import atomic_path
 
 PANELS = (("model_utility", "forget_quality", "forget quality vs model utility"),
-          ("kl_retrain/retain", "forget_quality", "forget quality vs output-space KL to retrain (retain set)"))
+          ("kl_retrain/retain", "forget_quality", "forget quality vs output-space KL to retrain (retain set)"),
+          ("forget/prob", "kl_reference/retain", "retain outputs changed vs forget P̄ (lower-left is better)"))
 REFERENCE_MARKERS = {"retrain": "*", "reference": "X"}
 LOG_SPAN = 10.0  # a log axis when the positive values span more than this factor
 
@@ -40,17 +43,18 @@ def _set_scale(axis_setter, values: list[float]) -> None:
         axis_setter("symlog", linthresh=min(positive))
 
 
-def write_pareto_plot(rows: list[dict], path: str | os.PathLike, reference_methods: Sequence[str]) -> None:
-    """Two scatter panels (``PANELS``) of the jobs in ``rows``; reference models drawn once, as black markers.
-    Written atomically as PNG."""
-    fig = Figure(figsize=(6 * len(PANELS), 4.5), layout="constrained")  # Agg canvas; no pyplot global state
+def write_pareto_plot(rows: list[dict], path: str | os.PathLike, reference_methods: Sequence[str],
+                      group: Callable[[dict], str] = lambda row: str(row.get("method"))) -> None:
+    """The ``PANELS`` of the jobs in ``rows``, one line per ``group(row)``; reference models drawn once, as black
+    markers. Written atomically as PNG."""
+    fig = Figure(figsize=(5.5 * len(PANELS), 4.5), layout="constrained")  # Agg canvas; no pyplot global state
     axes = fig.subplots(1, len(PANELS))
     for ax, (x, y, title) in zip(axes, PANELS, strict=True):
         points = _points(rows, x, y)
         jobs = [p for p in points if p[2].get("method") not in reference_methods]
-        for method in sorted({str(p[2].get("method")) for p in jobs}):
-            mine = [p for p in jobs if str(p[2].get("method")) == method]
-            ax.scatter([p[0] for p in mine], [p[1] for p in mine], label=method, alpha=0.8)
+        for name in sorted({group(p[2]) for p in jobs}):
+            mine = sorted((p for p in jobs if group(p[2]) == name), key=lambda p: p[0])
+            ax.plot([p[0] for p in mine], [p[1] for p in mine], marker="o", label=name, alpha=0.8)
         for method in reference_methods:
             mine = [p for p in points if p[2].get("method") == method]
             if mine:

@@ -12,9 +12,12 @@ from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
 from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import QAFormatter
+from kfade.eval import mean_token_kl
 from kfade.eval.config import EvalConfig
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
+
+SCORES_VERSION = 2  # bumped when ``score`` gains metrics, so cached baseline scores are recomputed
 
 
 @dataclass(kw_only=True)
@@ -48,7 +51,7 @@ class Suite:
 
     def headline_keys(self) -> list[str]:
         """The metrics a results table shows first."""
-        return ["kl_retrain/retain", "kl_retrain/forget"]
+        return ["kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain"]
 
     def save_record(self, record, directory: Path) -> None:
         """Write a scored model's per-item record into its run directory."""
@@ -63,8 +66,19 @@ class Suite:
     def load_state(self, directory: Path) -> None:
         """Restore what ``save_state`` wrote."""
 
+    def divergences(self, model: torch.nn.Module, retain: list[dict], forget: list[dict]) -> dict[str, float]:
+        """Output-space distances, mean per-token KL in nats over the label tokens of the batches:
+        ``kl_retrain/retain`` and ``kl_retrain/forget`` = KL(p_retrain ‖ p_model) (when a retrain model is
+        loaded), ``kl_reference/retain`` = KL(p_reference ‖ p_model): how much the retain outputs changed."""
+        metrics = {}
+        if self.retrains:
+            for name, batches in (("retain", retain), ("forget", forget)):
+                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, batches)
+        metrics["kl_reference/retain"] = mean_token_kl(self.reference, model, retain)
+        return metrics
+
     def cache_key(self) -> dict:
-        return {"dataset": asdict(self.dataset), "eval": asdict(self.eval)}
+        return {"dataset": asdict(self.dataset), "eval": asdict(self.eval), "scores": SCORES_VERSION}
 
     def baseline_scores(self, reference_path: str, retrain_paths: list[str]) -> dict[str, float]:
         """``retrain/…``, ``reference/…`` (and ``noise_floor/…``) scores, cached by model and data fingerprints.

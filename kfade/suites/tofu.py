@@ -1,8 +1,9 @@
 """TOFU end to end: the reference and retrain models, their cached evaluations, and scoring any model.
 
 Scores are flat keys (``forget_quality``, ``model_utility``, ``<set>/prob`` …, see ``kfade.eval.tofu_logs``) plus
-the output-space distance to the retrain model, ``kl_retrain/retain`` and ``kl_retrain/forget``: mean per-token
-KL(p_retrain ‖ p_model) in nats over the answer tokens of the retain eval set and of the forget set.
+the output-space distances ``kl_retrain/retain`` and ``kl_retrain/forget`` (mean per-token KL(p_retrain ‖ p_model)
+in nats over the answer tokens of the retain eval set and of the forget set) and ``kl_reference/retain``
+(KL(p_reference ‖ p_model) on the retain eval set: how much unlearning changed the retain outputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kfade.data.config import DatasetConfig
 from kfade.data.formatting import qa_batches
 from kfade.data.tofu import TofuData, load_tofu
 from kfade.errors import ConfigError
-from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, read_tofu_logs, write_tofu_logs
+from kfade.eval import aggregate_tofu_logs, evaluate_tofu, read_tofu_logs, write_tofu_logs
 from kfade.eval.config import EvalConfig
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
@@ -66,9 +67,7 @@ class TofuSuite(Suite):
         e = self.eval
         logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress)
         metrics = aggregate_tofu_logs(logs, self.retrain_logs)
-        if self.retrains:
-            for name, rows in (("retain", self.data.retain_perturbed), ("forget", self.data.forget)):
-                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, self.batches(rows))
+        metrics |= self.divergences(model, self.batches(self.data.retain_perturbed), self.batches(self.data.forget))
         return metrics, logs
 
     def headline_keys(self) -> list[str]:

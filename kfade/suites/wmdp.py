@@ -1,8 +1,8 @@
 """WMDP end to end: forget/retain corpora, multiple-choice scoring with lm-eval, and KL to the retrain model.
 
 Scores: ``<task>/acc`` (and ``acc_norm``) for every lm-eval task of the eval config (mini: ``mini_wmdp``, the
-forget-side knowledge, and ``mini_mmlu``, the utility side), and ``kl_retrain/retain``, ``kl_retrain/forget``:
-mean per-token KL(p_retrain ‖ p_model) in nats over held documents of each corpus.
+forget-side knowledge, and ``mini_mmlu``, the utility side), and ``kl_retrain/retain``, ``kl_retrain/forget``,
+``kl_reference/retain`` (``Suite.divergences``) over held documents of each corpus.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from kfade.data.config import DatasetConfig
 from kfade.data.formatting import text_batches
 from kfade.data.wmdp import WmdpData, load_wmdp
 from kfade.errors import ConfigError
-from kfade.eval import mean_token_kl
 from kfade.eval.config import EvalConfig
 from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
 from kfade.models.config import ModelConfig
@@ -58,9 +57,8 @@ class WmdpSuite(Suite):
         e = self.eval
         metrics = evaluate_lm_tasks(model, self.tokenizer, e.lm_eval_tasks, e.lm_eval_data_dir or self.data.mcq_dir,
                                     e.lm_eval_batch_size, e.lm_eval_limit) if e.lm_eval_tasks else {}
-        if self.retrains:
-            for name, docs in (("retain", self.data.retain_corpus), ("forget", self.data.forget_corpus)):
-                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, self.batches(docs[:KL_DOCS]))
+        metrics |= self.divergences(model, self.batches(self.data.retain_corpus[:KL_DOCS]),
+                                    self.batches(self.data.forget_corpus[:KL_DOCS]))
         return metrics, None
 
     def headline_keys(self) -> list[str]:

@@ -1,24 +1,27 @@
 """K-FADE: uphill Gauss-Newton steps on the forget loss, preconditioned by the retain-set curvature.
 
-Each step takes Δ = η·p with p = (Ĝ + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the mean label-token NLL of the forget
-set at the current weights, and Ĝ the curvature (K-FAC / EK-FAC / diagonal / identity) fit once on ``data.fit``
-at the starting weights (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps reuse it).
-Ĝ approximates the GGN of the mean per-token loss, so ½ΔᵀĜΔ ≈ the mean per-token KL(p_θ ‖ p_θ+Δ) in nats.
+Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the mean label-token NLL of the forget
+set at the current weights and G the retain-set Gauss-Newton matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean
+per-token KL(p_θ ‖ p_θ+Δ), nats). Ĝ, the fitted curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on
+``data.fit`` at the starting weights (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps
+reuse it). The direction p comes from a solver:
+
+- ``direct`` (the paper's K-FAC step): p = (Ĝ + δI)⁻¹∇L_f, δ the curvature's damping.
+- ``cg``: p = ``cg_iters`` iterations of preconditioned conjugate gradients on (G + λI)p = ∇L_f with the *exact*
+  G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
+  preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
+  Each step warm-starts from the previous step's p. The first iterate is the direct step's direction.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
 - ``normalized``: η = ``step_size`` / ‖p‖₂, so ‖Δ‖₂ = ``step_size`` over the covered parameters.
-- ``trust_region``: η = sqrt(2ε / gᵀp), ε = ``kl_budget``. Since gᵀp = pᵀ(Ĝ+λI)p this sets the *damped*
-  quadratic form ½Δᵀ(Ĝ+λI)Δ = ε (the design's formula, and one dot product, no extra curvature product).
-  The predicted KL ½ΔᵀĜΔ = ε − ½λ‖Δ‖² is then at most ε (equal as λ → 0), and the damping also bounds the
-  step, ‖Δ‖² ≤ 2ε/λ, along directions Ĝ barely sees; with a large (e.g. relative) damping the step is
-  conservative, which the logged ``predicted_kl`` shows.
-
-  The block-diagonal curvature can badly under-predict the KL along preconditioned directions (on the mini-TOFU
-  tiny model measured/predicted ratios of 10–10⁴ were seen: cross-layer terms and the Kronecker tails are not in
-  Ĝ). So, with ``max_backtracks`` > 0, a trust-region step is also checked against the *measured* retain KL on
-  ``data.kl_probe``: while the KL from the starting model exceeds ``step × kl_budget``, η is halved (a
-  backtracking line search, at most ``max_backtracks`` times; the last try is kept and logged as such).
+- ``trust_region``: η = sqrt(2ε / gᵀp), ε = ``kl_budget``: ½Δᵀ(G+λI)Δ = ε with the solver's G (Ĝ for direct),
+  since gᵀp = pᵀ(G+λI)p for an exact solve. With ``max_backtracks`` > 0 the step is also checked against the
+  *measured* retain KL on ``data.kl_probe``: while the KL from the starting model exceeds ``step × kl_budget``,
+  η is halved (a block-diagonal Ĝ can under-predict the KL of its own direction 10–10⁴×).
+- ``target_forget``: η such that the forget-set P̄ (TOFU's ``forget/prob``) after step k of n is
+  P̄₀·(target/P̄₀)^(k/n), ``target_forget_prob`` after the last step: found by a log-scale bisection on η along
+  p (``kfade.unlearn.step_search``; the evaluations are logged). Compares methods at matched forgetting.
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ from pathlib import Path
 import torch
 
 from kfade.cache import cache_dir
-from kfade.curvature import CurvatureConfig, load_or_fit
+from kfade.curvature import Curvature, CurvatureConfig, load_or_fit
+from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
+from kfade.curvature.ggn import MODES as GGN_MODES
+from kfade.curvature.ggn import GaussNewton
 from kfade.errors import ConfigError
 from kfade.unlearn.base import LogFn, UnlearnData, require_choice, require_positive, restore, snapshot
 from kfade.unlearn.delta import apply_delta
-from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll
+from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, mean_answer_prob
+from kfade.unlearn.step_search import eta_for_forget_prob
 
-STEP_RULES = ("fixed", "normalized", "trust_region")
+STEP_RULES = ("fixed", "normalized", "trust_region", "target_forget")
+SOLVERS = ("direct", "cg")
+SEARCH_START_KL = 0.01  # target_forget starts its η search at the trust-region η of this many nats
 
 
 @dataclass
@@ -47,20 +56,42 @@ class KFadeConfig:
     """K-FADE step settings; the curvature's own settings come separately as a ``CurvatureConfig``."""
 
     name: str = "kfade"  # method name (registry key)
-    step_rule: str = "trust_region"  # fixed | normalized | trust_region (see the module docstring)
+    solver: str = "cg"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
+    step_rule: str = "target_forget"  # fixed | normalized | trust_region | target_forget (module docstring)
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
-    kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(Ĝ+λI)Δ per step, nats per token
-    n_steps: int = 5  # Gauss-Newton steps, each with a fresh forget gradient (the paper uses 1–5)
+    kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
+    target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
+    n_steps: int = 1  # Gauss-Newton steps, each with a fresh forget gradient (the paper uses 1–5)
     max_backtracks: int = 12  # trust_region: halvings of η while the measured retain KL exceeds step × kl_budget
-    damping: float | None = None  # λ override (absolute) or α (relative); None → the curvature config's
+    damping: float | None = None  # δ override (absolute) or α (relative); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative override; None → the curvature config's
+    cg_iters: int = 30  # cg: maximum PCG iterations per step (truncation regularises)
+    cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
+    cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
+    cg_damping_mode: str = "relative"  # cg: relative | absolute
+    cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
+    cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
+    ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        require_choice(self, "solver", SOLVERS)
         require_choice(self, "step_rule", STEP_RULES)
-        require_positive(self, "step_size", "kl_budget", "n_steps")
+        require_choice(self, "cg_damping_mode", DAMPING_MODES)
+        require_choice(self, "ggn_mode", GGN_MODES)
+        require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters")
+        if not 0 < self.target_forget_prob < 1:
+            raise ConfigError("method.target_forget_prob", self.target_forget_prob, "must be in (0, 1)")
+        for key in ("cg_tol", "cg_damping"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"method.{key}", value, "must be a finite number >= 0")
+        if self.cg_batches is not None and self.cg_batches < 1:
+            raise ConfigError("method.cg_batches", self.cg_batches, "must be >= 1 or null")
+        if self.cg_retain_graphs and self.ggn_mode == "forward":
+            raise ConfigError("method.ggn_mode", self.ggn_mode, "cg_retain_graphs needs double_backward (or auto)")
         if self.max_backtracks < 0:
             raise ConfigError("method.max_backtracks", self.max_backtracks, "must be >= 0")
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping >= 0):
@@ -77,14 +108,24 @@ def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
+def evenly_spaced(items: list, count: int | None) -> list:
+    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or too large)."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 class KFade:
     """``run`` fits/loads the curvature, then takes ``n_steps`` uphill steps in place.
 
-    History: ``{"step": 0, "forget_nll", "retain_kl": 0.0}`` for the start, then per step ``step``,
-    ``forget_nll`` (L_f after the step, nats/token), ``retain_kl`` (measured mean per-token KL from the starting
-    model on ``data.kl_probe``), ``predicted_kl`` (½ΔᵀĜΔ, undamped), ``step_norm`` (‖Δ‖₂), ``eta``. A step whose
-    update or resulting forget loss is not finite is undone (weights restored bit for bit), recorded with
-    ``rejected`` and ends the run. ``timings``: ``fit_s`` (curvature fit or cache load), ``unlearn_s`` (steps).
+    History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0}`` for the start, then per step
+    ``step``, ``forget_nll`` (L_f after the step, nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl``
+    (measured mean per-token KL from the starting model on ``data.kl_probe``), ``predicted_kl`` (½ΔᵀĜΔ, undamped),
+    ``step_norm`` (‖Δ‖₂), ``eta``; with cg ``cg_iters``, ``cg_residual`` (relative), ``cg_stop``, ``cg_lambda``;
+    with target_forget ``forget_evals``. Each PCG iteration is also logged as ``{"cg/step", "cg/iteration",
+    "cg/residual"}`` (not in the history). A step whose update or resulting forget loss is not finite is undone
+    (weights restored bit for bit), recorded with ``rejected`` and ends the run. ``timings``: ``fit_s``
+    (curvature fit or cache load), ``unlearn_s`` (steps).
     """
 
     uses_curvature = True
@@ -94,17 +135,17 @@ class KFade:
         cfg.validate()
         self.cfg, self.progress = cfg, progress
         self.curvature_cfg = curvature if curvature is not None else CurvatureConfig()
-        self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "curvature"
         self.timings: dict[str, float] = {}
+        self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "curvature"
 
-    def eta(self, grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor]) -> float:
+    def eta(self, grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], kl_budget: float) -> float:
+        """η of the fixed / normalized / trust-region rules (trust region: ½ηpᵀ(G+λI)ηp = ``kl_budget``)."""
         rule = self.cfg.step_rule
         if rule == "fixed":
             return self.cfg.step_size
         if rule == "normalized":
             return self.cfg.step_size / math.sqrt(squared_norm(direction))
-        damped_form = sum(float((grads[n].double() * direction[n].double()).sum()) for n in grads)
-        return math.sqrt(2 * self.cfg.kl_budget / damped_form)
+        return math.sqrt(2 * kl_budget / dot(grads, direction))
 
     def checked_step(self, model, direction, eta, saved, probe, step) -> tuple[dict, float | None, int]:
         """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured retain KL budget.
@@ -123,6 +164,33 @@ class KFade:
             restore(model, saved)
         raise AssertionError("unreachable")
 
+    def solve(self, model: torch.nn.Module, curvature: Curvature, grads: dict[str, torch.Tensor],
+              data: UnlearnData, step: int, warm_start: dict[str, torch.Tensor] | None,
+              emit: LogFn) -> tuple[dict[str, torch.Tensor], dict]:
+        """The step's direction p and what to log about it (see the module docstring for the solvers)."""
+        cfg = self.cfg
+        if cfg.solver == "direct":
+            return curvature.precondition(grads, damping=cfg.damping, damping_mode=cfg.damping_mode), {}
+        ggn = GaussNewton(model, evenly_spaced(data.fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
+                          retain_graphs=cfg.cg_retain_graphs, progress=self.progress)
+        lam = cfg.cg_damping
+        if cfg.cg_damping_mode == "relative":
+            scale = curvature.mean_eigenvalue()
+            lam *= scale if scale is not None else ggn.mean_eigenvalue(seed=self.curvature_cfg.seed)
+
+        def precondition(v):
+            return curvature.precondition(v, damping=cfg.damping, damping_mode=cfg.damping_mode, shift=lam)
+
+        def log_iteration(iteration: int, residual: float) -> None:
+            emit({"cg/step": step, "cg/iteration": iteration, "cg/residual": residual})
+
+        result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
+                                              max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
+                                              callback=log_iteration)
+        direction = {n: result.x[n].to(g.dtype) for n, g in grads.items()}
+        return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
+                           "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
+
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
@@ -136,14 +204,23 @@ class KFade:
         names = curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
         grads, loss = forget_gradient(model, data.forget, names, self.progress)
-        history = [{"step": 0, "forget_nll": loss, "retain_kl": 0.0}]
+        start_prob = mean_answer_prob(model, data.forget)
+        history = [{"step": 0, "forget_nll": loss, "forget_prob": start_prob, "retain_kl": 0.0}]
         emit(history[-1])
+        previous = None
         for step in range(1, self.cfg.n_steps + 1):
-            direction = curvature.precondition(grads, damping=self.cfg.damping, damping_mode=self.cfg.damping_mode)
-            eta = self.eta(grads, direction)
+            direction, record = self.solve(model, curvature, grads, data, step, previous, emit)
+            record = {"step": step, **record}
             saved = snapshot(model, names)
+            if self.cfg.step_rule == "target_forget":
+                target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
+                eta0 = self.eta(grads, direction, SEARCH_START_KL) if all_finite(direction) else 1.0
+                search = eta_for_forget_prob(model, direction, data.forget, target, eta0)
+                eta, record["forget_evals"] = search.eta, search.evaluations
+            else:
+                eta = self.eta(grads, direction, self.cfg.kl_budget)
             delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
-            record = {"step": step, "eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
+            record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
             if halvings:
                 record["backtracks"] = halvings
             accepted = retain_kl is not None
@@ -160,8 +237,10 @@ class KFade:
                 history.append(record)
                 emit(record)
                 break
-            record.update(forget_nll=loss, retain_kl=retain_kl, predicted_kl=curvature.predicted_kl(delta))
+            record.update(forget_nll=loss, forget_prob=mean_answer_prob(model, data.forget), retain_kl=retain_kl,
+                          predicted_kl=curvature.predicted_kl(delta))
             history.append(record)
             emit(record)
+            previous = direction
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history

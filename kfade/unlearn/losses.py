@@ -36,6 +36,20 @@ def sequence_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def mean_answer_prob(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
+    """Mean over sequences of P̄ = exp(−mean label-token NLL of the sequence): TOFU's ``<set>/prob``."""
+    probs = []
+    for batch in batches:
+        out = label_logits(model, batch)
+        nll = F.cross_entropy(out.logits, out.labels, reduction="none")
+        rows = batch["labels"].shape[0]
+        total = torch.zeros(rows, device=nll.device).index_add(0, out.rows, nll)
+        count = torch.zeros(rows, device=nll.device).index_add(0, out.rows, torch.ones_like(nll))
+        probs += torch.exp(-total[count > 0] / count[count > 0]).tolist()
+    return sum(probs) / len(probs)
+
+
+@torch.no_grad()
 def forget_nll(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
     """L_f: mean NLL per label token over all ``batches`` (token-weighted, so independent of batching)."""
     sums = [token_nll_sum(model, b) for b in batches]

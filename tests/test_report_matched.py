@@ -1,0 +1,66 @@
+"""Matched-forget comparison: interpolation in log P̄ checked by hand, variants, and the files report.py writes."""
+
+import csv
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+
+from kfade.eval.matched import LEVELS, MATCHED_METRICS, interpolate_at, matched_rows, variant
+
+CLI = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
+
+
+def test_interpolation_is_linear_in_log_prob_between_the_nearest_runs():
+    points = [(0.9, 1.0), (0.8, 2.0), (0.5, 5.0), (0.2, 9.0)]
+    t = (math.log(0.62) - math.log(0.5)) / (math.log(0.8) - math.log(0.5))
+    assert interpolate_at(points, 0.62) == pytest.approx(5.0 + t * (2.0 - 5.0))
+    assert interpolate_at(points, 0.5) == 5.0  # a run at the level itself
+    assert interpolate_at(points, 0.5 * 1.005) == 5.0  # within the 1 % match tolerance
+    assert interpolate_at(points, 0.1) is None  # below the swept range
+    assert interpolate_at(points, 0.95) is None  # above it
+    assert interpolate_at([], 0.5) is None
+
+
+def test_variants_separate_estimator_and_solver():
+    assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg"}) == "kfade/ekfac/cg"
+    assert variant({"method": "kfade", "hp/curvature/estimator": "kfac"}) == "kfade/kfac/direct"
+    assert variant({"method": "grad_diff", "hp/lr": 1e-4}) == "grad_diff"
+
+
+def test_matched_rows_per_variant_and_level():
+    rows = [{"method": "grad_diff", "forget/prob": p, "kl_reference/retain": kl, "model_utility": 0.8}
+            for p, kl in ((0.9, 0.01), (0.5, 0.05), (0.05, 1.0))]
+    rows += [{"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg", "forget/prob": 0.62,
+              "kl_reference/retain": 0.002},
+             {"method": "reference", "forget/prob": 0.98, "kl_reference/retain": 0.0}]
+    out = matched_rows(rows, exclude_methods=("reference",))
+    assert [(r["variant"], r["forget_prob"]) for r in out] == [(v, lv) for v in ("grad_diff", "kfade/ekfac/cg")
+                                                              for lv in LEVELS]
+    gd = {r["forget_prob"]: r for r in out if r["variant"] == "grad_diff"}
+    t = (math.log(0.1) - math.log(0.05)) / (math.log(0.5) - math.log(0.05))
+    assert gd[0.10]["kl_reference/retain"] == pytest.approx(1.0 + t * (0.05 - 1.0))
+    assert gd[0.62]["model_utility"] == pytest.approx(0.8)
+    assert gd[0.62]["forget_quality"] is None  # no run has it
+    kf = {r["forget_prob"]: r for r in out if r["variant"] == "kfade/ekfac/cg"}
+    assert kf[0.62]["kl_reference/retain"] == 0.002 and kf[0.38]["kl_reference/retain"] is None
+
+
+def test_report_writes_matched_files(tmp_path, capsys):
+    for i, (lr, p, kl) in enumerate(((1e-4, 0.9, 0.01), (3e-4, 0.5, 0.05), (1e-3, 0.05, 1.0))):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(
+            {"method": "grad_diff", "hp/lr": lr, "forget/prob": p, "kl_reference/retain": kl}))
+    assert runpy.run_path(str(CLI))["main"]([str(tmp_path)]) == 0
+    with open(tmp_path / "matched.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["variant", "forget_prob", *MATCHED_METRICS]
+    assert [float(r["forget_prob"]) for r in table] == list(LEVELS)
+    assert float(table[1]["kl_reference/retain"]) == pytest.approx(
+        0.05 + (math.log(0.38) - math.log(0.5)) / (math.log(0.05) - math.log(0.5)) * (1.0 - 0.05))
+    assert table[0]["model_utility"] == ""
+    markdown = (tmp_path / "matched.md").read_text()
+    assert "| grad_diff | 0.62 |" in markdown and "—" in markdown
+    assert markdown in capsys.readouterr().out

@@ -1,0 +1,95 @@
+"""K-FADE with the CG solver and matched-forget steps: the step equals a dense solve with the exact GGN, λ's
+relative scale, residual logging, and the target_forget step rule reaching its P̄."""
+
+import math
+
+import pytest
+import torch
+from test_curvature_ggn import dense_ggn, flat
+from test_curvature_reference import batches_of, qa_sequences
+from test_curvature_reference import tiny_llama as reference_llama
+
+from kfade.curvature import CurvatureConfig, fit_curvature
+from kfade.unlearn import UnlearnData, build_method
+from kfade.unlearn.losses import forget_gradient, mean_answer_prob
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = reference_llama(layers=1)
+    data = UnlearnData(forget=batches_of(qa_sequences(4, seed=7), 2), retain=batches_of(qa_sequences(24, seed=2), 8))
+    return model, data
+
+
+def run(model, data, cache, curvature, records=None, **cfg):
+    method = build_method("kfade", {"solver": "cg", "n_steps": 1, **cfg}, curvature=curvature, cache_root=cache)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = method.run(model, data, log=None if records is None else records.append)
+    delta = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    with torch.no_grad():  # leave the module-scoped model as it was
+        for n, p in model.named_parameters():
+            p.copy_(before[n])
+    return history, delta
+
+
+def test_cg_step_is_the_dense_solve_with_the_exact_ggn(problem, tmp_path):
+    model, data = problem
+    curvature = CurvatureConfig(estimator="ekfac", fisher="exact", damping=0.1)
+    fitted = fit_curvature(model, data.fit, curvature)
+    names = fitted.param_names
+    lam = 0.5 * fitted.mean_eigenvalue()
+    grads, _ = forget_gradient(model, data.forget, names)
+    dense = dense_ggn(model, data.fit, names)
+    want = torch.linalg.solve(dense + lam * torch.eye(len(dense), dtype=dense.dtype), flat(grads, names))
+    records = []
+    history, delta = run(model, data, tmp_path, curvature, records, step_rule="fixed", step_size=1.0, cg_iters=300,
+                         cg_tol=1e-10, cg_damping=0.5)
+    assert history[1]["cg_stop"] == "converged" and history[1]["cg_residual"] <= 1e-10
+    assert history[1]["cg_lambda"] == pytest.approx(lam, rel=1e-12)  # relative λ: × Ĝ's mean eigenvalue
+    assert torch.linalg.norm(flat(delta, names) - want) <= 1e-7 * torch.linalg.norm(want)
+    curve = [r for r in records if "cg/iteration" in r]
+    assert [r["cg/iteration"] for r in curve] == list(range(1, history[1]["cg_iters"] + 1))
+    assert curve[-1]["cg/residual"] == history[1]["cg_residual"]
+    assert all("cg/iteration" not in r for r in history)
+
+
+def test_cg_batches_subsample_and_absolute_lambda(problem, tmp_path):
+    model, data = problem
+    history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="fixed",
+                     step_size=1.0, cg_iters=3, cg_batches=1, cg_damping=1e-3, cg_damping_mode="absolute")
+    assert history[1]["cg_lambda"] == 1e-3 and history[1]["cg_iters"] == 3 and history[1]["ggn_products"] == 3
+
+
+def test_relative_lambda_without_a_fitted_curvature_estimates_the_trace(problem, tmp_path):
+    model, data = problem
+    history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="fixed",
+                     step_size=1.0, cg_iters=1, cg_damping=1.0)
+    trace = float(torch.diagonal(dense_ggn(model, data.fit, [n for n, _ in model.named_parameters()
+                                                              if ".layers." in n and n.endswith("proj.weight")])).mean())
+    assert history[1]["cg_lambda"] == pytest.approx(trace, rel=0.5)  # Hutchinson, 4 probes
+
+
+@pytest.mark.parametrize("solver", ["cg", "direct"])
+def test_target_forget_reaches_its_forget_prob(problem, tmp_path, solver):
+    model, data = problem
+    start = mean_answer_prob(model, data.forget)
+    target = 0.5 * start
+    history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="kfac", fisher="empirical"),
+                     solver=solver, step_rule="target_forget", target_forget_prob=target, n_steps=2, cg_iters=3)
+    assert history[0]["forget_prob"] == pytest.approx(start)
+    assert history[1]["forget_prob"] == pytest.approx(start * math.sqrt(target / start), abs=2e-3)
+    assert history[2]["forget_prob"] == pytest.approx(target, abs=2e-3)
+    assert all(r["forget_evals"] >= 1 for r in history[1:])
+
+
+def test_mean_answer_prob_is_the_mean_of_per_sequence_geometric_means(problem):
+    model, data = problem
+    probs = []
+    for batch in data.forget:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+        for row in range(len(logits)):
+            labels = batch["labels"][row, 1:]
+            keep = labels != -100
+            logp = torch.log_softmax(logits[row, :-1][keep], -1).gather(1, labels[keep, None])
+            probs.append(math.exp(float(logp.mean())))
+    assert mean_answer_prob(model, data.forget) == pytest.approx(sum(probs) / len(probs), rel=1e-6)
