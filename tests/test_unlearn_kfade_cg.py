@@ -64,8 +64,8 @@ def test_relative_lambda_without_a_fitted_curvature_estimates_the_trace(problem,
     model, data = problem
     history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="fixed",
                      step_size=1.0, cg_iters=1, cg_damping=1.0)
-    trace = float(torch.diagonal(dense_ggn(model, data.fit, [n for n, _ in model.named_parameters()
-                                                              if ".layers." in n and n.endswith("proj.weight")])).mean())
+    names = [n for n, _ in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+    trace = float(torch.diagonal(dense_ggn(model, data.fit, names)).mean())
     assert history[1]["cg_lambda"] == pytest.approx(trace, rel=0.5)  # Hutchinson, 4 probes
 
 
