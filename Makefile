@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench report clean-venv
+.PHONY: demo compare test lint bench report clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
 	PY=$(PY) experiments/sweeps/demo.sh
+
+compare: $(VENV)/.installed  ## the README's matched-forget comparison (all methods, ~15 min warm)
+	PY=$(PY) experiments/sweeps/mini_tofu_matched.sh
 
 test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest tests

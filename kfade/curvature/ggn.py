@@ -114,7 +114,7 @@ class GaussNewton:
         size = sum(params[n].numel() for n in self.names)
         total = 0.0
         for _ in range(probes):
-            z = {n: (torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1).to(self.compute_dtype)
+            z = {n: (torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1).to(self.device, self.compute_dtype)
                  for n in self.names}
             gz = self.matvec(z)
             total += sum(float((gz[n].double() * z[n].double()).sum()) for n in self.names)
