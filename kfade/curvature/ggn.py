@@ -114,8 +114,8 @@ class GaussNewton:
         size = sum(params[n].numel() for n in self.names)
         total = 0.0
         for _ in range(probes):
-            z = {n: (torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1).to(self.device, self.compute_dtype)
-                 for n in self.names}
+            signs = {n: torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1 for n in self.names}
+            z = {n: t.to(self.device, self.compute_dtype) for n, t in signs.items()}
             gz = self.matvec(z)
             total += sum(float((gz[n].double() * z[n].double()).sum()) for n in self.names)
         return total / probes / size
