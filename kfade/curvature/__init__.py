@@ -1,4 +1,6 @@
-"""Curvature of the retain loss for K-FADE: K-FAC, EK-FAC, diagonal and identity estimators.
+"""Curvature of the retain loss for K-FADE: K-FAC, EK-FAC, diagonal and identity estimators Ĝ, the exact
+Gauss-Newton product G·v (``ggn``) and preconditioned conjugate gradients (``cg``) to solve (G + λI)x = g with Ĝ as
+the preconditioner.
 
 Conventions (every estimator, so that a damping value means the same thing everywhere):
 
@@ -25,10 +27,13 @@ Conventions (every estimator, so that a damping value means the same thing every
   the first such layer's name.
 """
 
+from kfade.curvature.cg import CGResult, conjugate_gradient
 from kfade.curvature.config import CurvatureConfig
 from kfade.curvature.curvature import Curvature
 from kfade.curvature.fingerprint import model_fingerprint
 from kfade.curvature.fit import fit_curvature
+from kfade.curvature.ggn import GaussNewton
 from kfade.curvature.store import load_or_fit
 
-__all__ = ["Curvature", "CurvatureConfig", "fit_curvature", "load_or_fit", "model_fingerprint"]
+__all__ = ["CGResult", "Curvature", "CurvatureConfig", "GaussNewton", "conjugate_gradient", "fit_curvature",
+           "load_or_fit", "model_fingerprint"]

@@ -64,6 +64,10 @@ def write_pareto_plot(rows: list[dict], path: str | os.PathLike, reference_metho
             ax.text(0.5, 0.5, f"no job has {x} and {y}", ha="center", va="center", transform=ax.transAxes)
         _set_scale(ax.set_xscale, [p[0] for p in points])
         _set_scale(ax.set_yscale, [p[1] for p in points])
+        for scale, limit, values in ((ax.get_xscale, ax.set_xlim, [p[0] for p in points]),
+                                     (ax.get_yscale, ax.set_ylim, [p[1] for p in points])):
+            if scale() == "symlog" and min(values) >= 0:
+                limit(0, None)  # no empty negative half below the 0 of a reference model
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
