@@ -77,8 +77,8 @@ def test_target_forget_reaches_its_forget_prob(problem, tmp_path, solver):
     history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="kfac", fisher="empirical"),
                      solver=solver, step_rule="target_forget", target_forget_prob=target, n_steps=2, cg_iters=3)
     assert history[0]["forget_prob"] == pytest.approx(start)
-    assert history[1]["forget_prob"] == pytest.approx(start * math.sqrt(target / start), abs=2e-3)
-    assert history[2]["forget_prob"] == pytest.approx(target, abs=2e-3)
+    assert history[1]["forget_prob"] == pytest.approx(start * math.sqrt(target / start), rel=5e-3)
+    assert history[2]["forget_prob"] == pytest.approx(target, rel=5e-3)
     assert all(r["forget_evals"] >= 1 for r in history[1:])
 
 
@@ -93,3 +93,26 @@ def test_mean_answer_prob_is_the_mean_of_per_sequence_geometric_means(problem):
             logp = torch.log_softmax(logits[row, :-1][keep], -1).gather(1, labels[keep, None])
             probs.append(math.exp(float(logp.mean())))
     assert mean_answer_prob(model, data.forget) == pytest.approx(sum(probs) / len(probs), rel=1e-6)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_each_step_warm_starts_from_the_previous_direction(problem, tmp_path, monkeypatch, warm):
+    import kfade.unlearn.kfade as kfade_module
+
+    starts, solve = [], kfade_module.conjugate_gradient
+
+    def recording(*args, x0=None, **kwargs):
+        starts.append(x0)
+        result = solve(*args, x0=x0, **kwargs)
+        starts.append(result.x)
+        return result
+
+    monkeypatch.setattr(kfade_module, "conjugate_gradient", recording)
+    model, data = problem
+    run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="fixed", step_size=1e-3,
+        n_steps=2, cg_iters=2, cg_warm_start=warm)
+    assert starts[0] is None
+    if warm:
+        assert all(torch.equal(starts[2][n], starts[1][n]) for n in starts[1])
+    else:
+        assert starts[2] is None

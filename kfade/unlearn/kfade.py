@@ -10,7 +10,8 @@ reuse it). The direction p comes from a solver:
 - ``cg``: p = ``cg_iters`` iterations of preconditioned conjugate gradients on (G + λI)p = ∇L_f with the *exact*
   G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
   preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
-  Each step warm-starts from the previous step's p. The first iterate is the direct step's direction.
+  Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the direct
+  step's direction.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
@@ -70,6 +71,7 @@ class KFadeConfig:
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
     cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
+    cg_warm_start: bool = True  # cg: start each step's PCG from the previous step's direction (else from 0)
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
 
@@ -241,6 +243,6 @@ class KFade:
                           predicted_kl=curvature.predicted_kl(delta))
             history.append(record)
             emit(record)
-            previous = direction
+            previous = direction if self.cfg.cg_warm_start else None
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history

@@ -2,8 +2,9 @@
 
 P̄ = mean over forget sequences of exp(−mean answer-token NLL) (TOFU's ``forget/prob``), measured on the model
 itself (one no-grad pass over the forget batches per evaluation). P̄(η) is searched on a log grid of η: doubled
-or halved from ``eta0`` until the target is bracketed, then bisected geometrically until |P̄ − target| ≤ ``tol``
-or ``max_evals`` evaluations were spent; the η whose P̄ came closest is returned (the model is left unchanged).
+or halved from ``eta0`` until the target is bracketed, then bisected geometrically until |P̄ − target| ≤
+``rtol``·target or ``max_evals`` evaluations were spent; the η whose P̄ came closest is returned (the model is
+left unchanged).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class StepSearch:
 
 
 def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tensor], forget: Sequence[Batch],
-                        target: float, eta0: float, tol: float = 2e-3, max_evals: int = 40) -> StepSearch:
+                        target: float, eta0: float, rtol: float = 5e-3, max_evals: int = 40) -> StepSearch:
     """η > 0 with P̄(θ + η·direction) ≈ ``target`` (see the module docstring); ``eta0`` > 0 starts the search."""
     saved = snapshot(model, list(direction))
     tried: dict[float, float] = {}
@@ -46,7 +47,7 @@ def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tenso
     low, high = None, None  # P̄(low) > target ≥ P̄(high)
     eta = eta0
     while len(tried) < max_evals:
-        if abs(prob(eta) - target) <= tol:
+        if abs(prob(eta) - target) <= rtol * target:
             break
         if tried[eta] > target:
             low = eta
