@@ -3,8 +3,8 @@
 1. a direct K-FADE step (cached curvature) ÷ one gradient-ascent epoch over the same forget set (goal ≤ 1.2×);
 2. one exact Gauss-Newton product G·v over the fitting batches ÷ one forward+backward over the same batches, per
    product mode (goal ≤ 2.5× without retained graphs, ≤ 1.3× with them);
-3. a default CG K-FADE step (cg_iters products + preconditioning, cached curvature) ÷ one default mini GradDiff run
-   (AdamW, 5 epochs over the forget set with retain companions).
+3. a default CG K-FADE run (n_steps × cg_iters products + preconditioning, cached curvature) ÷ one default mini
+   GradDiff run (AdamW, 5 epochs over the forget set with retain companions), also per step.
 
 Model: a random-init tiny Llama (TinyLlamaSpec defaults: hidden 128, MLP 512, 4 layers) with a 1024-token
 vocabulary. Forget set: 64 QA-like rows of random tokens (16 prompt tokens, 24 answer tokens); the curvature is
@@ -73,9 +73,11 @@ def main() -> None:
         cg = build_method("kfade", {"step_rule": "normalized", "step_size": 1.0}, curvature=curvature,
                           cache_root=cache)
         cg_step, diff_run = median_run_times([cg, build_method("grad_diff", {"lr": 3e-4})], model, data, args.repeats)
-    print(f"\nK-FADE CG step ({cg.cfg.cg_iters} PCG iterations):   {cg_step:.3f} s  (median of {args.repeats})")
+    steps = f"{cg.cfg.n_steps} steps x {cg.cfg.cg_iters} PCG iterations"
+    print(f"\nK-FADE CG run, default ({steps}): {cg_step:.3f} s  (median of {args.repeats})")
     print(f"GradDiff run (5 epochs, lr 3e-4):      {diff_run:.3f} s  (median of {args.repeats})")
-    print(f"ratio K-FADE CG step / GradDiff run:   {cg_step / diff_run:.2f}x")
+    print(f"ratio K-FADE CG run / GradDiff run:    {cg_step / diff_run:.2f}x  "
+          f"(per CG step: {cg_step / cg.cfg.n_steps / diff_run:.2f}x)")
 
 
 def median_run_times(methods: list, model: torch.nn.Module, data: UnlearnData, repeats: int) -> list[float]:

@@ -27,6 +27,8 @@ def test_interpolation_is_linear_in_log_prob_between_the_nearest_runs():
 def test_variants_separate_estimator_and_solver():
     assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg"}) == "kfade/ekfac/cg"
     assert variant({"method": "kfade", "hp/curvature/estimator": "kfac"}) == "kfade/kfac/direct"
+    assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg", "hp/n_steps": 3}) == (
+        "kfade/ekfac/cg×3")
     assert variant({"method": "grad_diff", "hp/lr": 1e-4}) == "grad_diff"
 
 

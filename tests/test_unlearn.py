@@ -14,7 +14,7 @@ from kfade.errors import ConfigError
 from kfade.unlearn import METHODS, UnlearnData, build_method
 from kfade.unlearn.base import batches_fingerprint
 from kfade.unlearn.grad_diff import GradDiffConfig
-from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, sequence_logprob
+from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, mean_answer_prob, sequence_logprob
 from kfade.unlearn.npo import NPO, NPOConfig
 from kfade.unlearn.rmu import RMUConfig
 
@@ -68,8 +68,9 @@ def test_forget_gradient_is_batch_size_invariant(tiny_model, tokenizer):
     reference(**batches(tokenizer, FORGET, 8)[0]).loss.backward()
     expected = {n: p.grad for n, p in reference.named_parameters() if n in names}
     for size in (1, 3, 8):
-        grads, loss = forget_gradient(tiny_model, batches(tokenizer, FORGET, size), names)
-        assert loss == pytest.approx(hf_mean_nll(tiny_model, batches(tokenizer, FORGET, 8)[0]), rel=1e-6)
+        grads, scores = forget_gradient(tiny_model, batches(tokenizer, FORGET, size), names)
+        assert scores.nll == pytest.approx(hf_mean_nll(tiny_model, batches(tokenizer, FORGET, 8)[0]), rel=1e-6)
+        assert scores.prob == pytest.approx(mean_answer_prob(tiny_model, batches(tokenizer, FORGET, 8)), rel=1e-6)
         for n in names:
             assert grads[n].dtype == torch.float32
             torch.testing.assert_close(grads[n].double(), expected[n], rtol=1e-4, atol=1e-7)

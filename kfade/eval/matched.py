@@ -1,7 +1,8 @@
 """Methods compared at matched forgetting: each variant's metrics interpolated to fixed forget-set P̄ levels.
 
 A sweep varies each method's strength (K-FADE's η or target, a baseline's lr or epochs), so every variant
-(method + curvature estimator + solver) traces a curve of metric against forget P̄ (``forget/prob``). At a level L
+(method + curvature estimator + solver, and K-FADE's step count when > 1) traces a curve of metric against forget
+P̄ (``forget/prob``). At a level L
 the metric is interpolated linearly in log P̄ between the variant's two nearest runs on either side of L; a run
 within ``MATCH_TOLERANCE`` (relative) of L is taken as it is; a level outside the variant's swept range has no
 value (None; "—" in the markdown table).
@@ -23,11 +24,13 @@ MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the l
 
 def variant(row: dict) -> str:
     """``kfade/<estimator>/<solver>`` for K-FADE runs (solver ``direct`` when the run predates the solver
-    option), else the method name."""
+    option), with ``×<n>`` appended for n > 1 steps; else the method name."""
     method = str(row.get("method"))
     if method != "kfade":
         return method
-    return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}"
+    steps = row.get("hp/n_steps", 1)
+    suffix = f"×{steps}" if steps not in (None, 1) else ""
+    return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}{suffix}"
 
 
 def _number(value) -> float | None:

@@ -44,7 +44,7 @@ from kfade.curvature.ggn import GaussNewton
 from kfade.errors import ConfigError
 from kfade.unlearn.base import LogFn, UnlearnData, require_choice, require_positive, restore, snapshot
 from kfade.unlearn.delta import apply_delta
-from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, mean_answer_prob
+from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_scores
 from kfade.unlearn.step_search import eta_for_forget_prob
 
 STEP_RULES = ("fixed", "normalized", "trust_region", "target_forget")
@@ -62,11 +62,11 @@ class KFadeConfig:
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
-    n_steps: int = 1  # Gauss-Newton steps, each with a fresh forget gradient (the paper uses 1–5)
+    n_steps: int = 3  # Gauss-Newton steps, each with a fresh forget gradient (the paper uses 1–5)
     max_backtracks: int = 12  # trust_region: halvings of η while the measured retain KL exceeds step × kl_budget
     damping: float | None = None  # δ override (absolute) or α (relative); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative override; None → the curvature config's
-    cg_iters: int = 10  # cg: maximum PCG iterations per step (truncation regularises; README: measured)
+    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; README: measured)
     cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
@@ -205,9 +205,9 @@ class KFade:
         start = time.perf_counter()
         names = curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
-        grads, loss = forget_gradient(model, data.forget, names, self.progress)
-        start_prob = mean_answer_prob(model, data.forget)
-        history = [{"step": 0, "forget_nll": loss, "forget_prob": start_prob, "retain_kl": 0.0}]
+        grads, scores = forget_gradient(model, data.forget, names, self.progress)
+        start_prob = scores.prob
+        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0}]
         emit(history[-1])
         previous = None
         for step in range(1, self.cfg.n_steps + 1):
@@ -228,9 +228,9 @@ class KFade:
             accepted = retain_kl is not None
             if accepted:
                 last = step == self.cfg.n_steps
-                grads, loss = ((None, forget_nll(model, data.forget)) if last
-                               else forget_gradient(model, data.forget, names, self.progress))
-                accepted = math.isfinite(loss)
+                grads, scores = ((None, forget_scores(model, data.forget)) if last
+                                 else forget_gradient(model, data.forget, names, self.progress))
+                accepted = math.isfinite(scores.nll)
             if not accepted:
                 restore(model, saved)
                 record["rejected"] = "non-finite update or forget loss; weights rolled back"
@@ -239,7 +239,7 @@ class KFade:
                 history.append(record)
                 emit(record)
                 break
-            record.update(forget_nll=loss, forget_prob=mean_answer_prob(model, data.forget), retain_kl=retain_kl,
+            record.update(forget_nll=scores.nll, forget_prob=scores.prob, retain_kl=retain_kl,
                           predicted_kl=curvature.predicted_kl(delta))
             history.append(record)
             emit(record)

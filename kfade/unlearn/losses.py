@@ -6,6 +6,7 @@ Labels follow the Hugging Face convention: ``logits[:, t]`` predicts ``labels[:,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,47 +36,77 @@ def sequence_logprob(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return torch.zeros(batch["labels"].shape[0], device=token_logp.device).index_add(0, out.rows, token_logp)
 
 
+class ForgetScores(NamedTuple):
+    """L_f (``nll``: mean NLL per label token, nats) and ``prob``: the mean over sequences of P̄ = exp(−mean
+    label-token NLL of the sequence), TOFU's ``<set>/prob``."""
+
+    nll: float
+    prob: float
+
+
+class _ScoreSums:
+    """Running sums of one pass over batches: token NLL sum and count, per-sequence P̄ values."""
+
+    def __init__(self):
+        self.nll, self.tokens, self.probs = 0.0, 0, []
+
+    def add(self, token_nll: torch.Tensor, rows: torch.Tensor, n_rows: int) -> None:
+        token_nll = token_nll.detach()
+        self.nll += token_nll.sum().item()
+        self.tokens += token_nll.numel()
+        total = torch.zeros(n_rows, dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll)
+        count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(token_nll))
+        self.probs += torch.exp(-total[count > 0] / count[count > 0]).tolist()
+
+    def scores(self) -> ForgetScores:
+        return ForgetScores(self.nll / self.tokens, sum(self.probs) / len(self.probs))
+
+
+def _token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = label_logits(model, batch)
+    return F.cross_entropy(out.logits, out.labels, reduction="none"), out.rows
+
+
 @torch.no_grad()
+def forget_scores(model: torch.nn.Module, batches: Sequence[Batch]) -> ForgetScores:
+    """L_f and the mean answer P̄ over all ``batches`` in one pass (token-weighted L_f: batching-independent)."""
+    sums = _ScoreSums()
+    for batch in batches:
+        sums.add(*_token_nll(model, batch), batch["labels"].shape[0])
+    return sums.scores()
+
+
 def mean_answer_prob(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
     """Mean over sequences of P̄ = exp(−mean label-token NLL of the sequence): TOFU's ``<set>/prob``."""
-    probs = []
-    for batch in batches:
-        out = label_logits(model, batch)
-        nll = F.cross_entropy(out.logits, out.labels, reduction="none")
-        rows = batch["labels"].shape[0]
-        total = torch.zeros(rows, device=nll.device).index_add(0, out.rows, nll)
-        count = torch.zeros(rows, device=nll.device).index_add(0, out.rows, torch.ones_like(nll))
-        probs += torch.exp(-total[count > 0] / count[count > 0]).tolist()
-    return sum(probs) / len(probs)
+    return forget_scores(model, batches).prob
 
 
-@torch.no_grad()
 def forget_nll(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
     """L_f: mean NLL per label token over all ``batches`` (token-weighted, so independent of batching)."""
-    sums = [token_nll_sum(model, b) for b in batches]
-    return sum(s.item() for s, _ in sums) / sum(n for _, n in sums)
+    return forget_scores(model, batches).nll
 
 
 def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Sequence[str],
-                    progress: bool = False) -> tuple[dict[str, torch.Tensor], float]:
-    """(∇L_f for the named parameters, L_f) with L_f the mean label-token NLL over all ``batches``.
+                    progress: bool = False) -> tuple[dict[str, torch.Tensor], ForgetScores]:
+    """(∇L_f for the named parameters, the scores of the same pass) with L_f the mean label-token NLL over all
+    ``batches``.
 
     Gradients are accumulated in fp32 (fp64 for fp64 parameters). Each minibatch contributes
     Σ_batch NLL / N_total, so the accumulated gradient equals the full-set mean's whatever the batch size.
     """
     total = count_label_tokens(batches)
-    grads, loss_sum = None, 0.0
+    grads, sums = None, _ScoreSums()
     with requires_grad_only(model, names) as params:
         for batch in tqdm(batches, desc="forget gradient", leave=False, disable=not progress):
-            nll, _ = token_nll_sum(model, batch)
-            parts = torch.autograd.grad(nll / total, params)
+            token_nll, rows = _token_nll(model, batch)
+            parts = torch.autograd.grad(token_nll.sum() / total, params)
             if grads is None:
                 grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in parts]
             else:
                 for acc, g in zip(grads, parts, strict=True):
                     acc.add_(g)
-            loss_sum += nll.item()
-    return dict(zip(names, grads, strict=True)), loss_sum / total
+            sums.add(token_nll, rows, batch["labels"].shape[0])
+    return dict(zip(names, grads, strict=True)), sums.scores()
 
 
 class RetainKLProbe:
