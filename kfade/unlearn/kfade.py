@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kfade.cache import cache_dir
 from kfade.curvature import Curvature, CurvatureConfig, load_or_fit
@@ -174,7 +175,7 @@ class KFade:
         if cfg.solver == "direct":
             return curvature.precondition(grads, damping=cfg.damping, damping_mode=cfg.damping_mode), {}
         ggn = GaussNewton(model, evenly_spaced(data.fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
-                          retain_graphs=cfg.cg_retain_graphs, progress=self.progress)
+                          retain_graphs=cfg.cg_retain_graphs)
         lam = cfg.cg_damping
         if cfg.cg_damping_mode == "relative":
             scale = curvature.mean_eigenvalue()
@@ -183,12 +184,17 @@ class KFade:
         def precondition(v):
             return curvature.precondition(v, damping=cfg.damping, damping_mode=cfg.damping_mode, shift=lam)
 
+        bar = tqdm(total=cfg.cg_iters, desc=f"CG, step {step}", leave=False, disable=not self.progress)
+
         def log_iteration(iteration: int, residual: float) -> None:
+            bar.update()
+            bar.set_postfix(residual=f"{residual:.3g}")
             emit({"cg/step": step, "cg/iteration": iteration, "cg/residual": residual})
 
-        result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
-                                              max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
-                                              callback=log_iteration)
+        with bar:
+            result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
+                                                  max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
+                                                  callback=log_iteration)
         direction = {n: result.x[n].to(g.dtype) for n, g in grads.items()}
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
