@@ -58,19 +58,25 @@ def test_baseline_run_scores_reference_and_retrain_and_caches_them(cache, tmp_pa
 
 
 def test_kfade_run_saves_a_delta_scores_it_and_a_sweep_reuses_one_curvature_fit(cache, tmp_path):
-    results = run_in_process(tmp_path / "a", "method=kfade", "method.kl_budget=0.05", "method.n_steps=2")
-    assert results["method"] == "kfade" and results["hp/kl_budget"] == 0.05
+    results = run_in_process(tmp_path / "a", "method=kfade", "method.n_steps=2", "method.cg_iters=2",
+                             "method.target_forget_prob=0.01")  # the 2-epoch test model starts near 0.02
+    assert results["method"] == "kfade" and results["hp/solver"] == "cg" and results["hp/n_steps"] == 2
     assert results["hp/curvature/estimator"] == "ekfac" and results["time/fit_s"] > 0
-    for key in ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "last_step/retain_kl"):
+    for key in ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain",
+                "last_step/retain_kl"):
         assert key in results
+    assert results["last_step/cg_iters"] == 2 and results["last_step/forget_evals"] >= 1
+    assert results["forget/prob"] == pytest.approx(0.01, rel=0.01)  # the scored P̄ is the one the step rule matched
+    assert results["last_step/retain_kl"] == pytest.approx(results["kl_reference/retain"], rel=1e-4)  # same probe
     assert (tmp_path / "a" / "delta.safetensors").is_file()
     assert (tmp_path / "a" / "tofu_logs" / "eval_log_forget.json").is_file()
     fits = sorted(p.name for p in (cache / "curvature").iterdir())
     assert len(fits) == 1
-    other = run_in_process(tmp_path / "b", "method=kfade", "method.kl_budget=0.2", "curvature.damping=1.0")
-    assert sorted(p.name for p in (cache / "curvature").iterdir()) == fits  # η/ε and λ sweeps: no refit
-    assert other["hp/curvature/damping"] == 1.0
-    run_in_process(tmp_path / "c", "method=kfade", "curvature=kfac")
+    other = run_in_process(tmp_path / "b", "method=kfade", "method.n_steps=1", "method.cg_iters=1",
+                           "method.cg_damping=1.0", "curvature.damping=1.0")
+    assert sorted(p.name for p in (cache / "curvature").iterdir()) == fits  # λ, δ, target sweeps: no refit
+    assert other["hp/curvature/damping"] == 1.0 and other["hp/cg_damping"] == 1.0
+    run_in_process(tmp_path / "c", "method=kfade", "curvature=kfac", "method.solver=direct", "method.n_steps=1")
     assert len(list((cache / "curvature").iterdir())) == 2  # another estimator: one more fit
 
 
