@@ -11,6 +11,7 @@ Every run writes ``results.json`` (flat keys) in its run directory; bad config i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,14 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from run_names import run_name
 from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed
 
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
+from kfade.models.load import resolve_device
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.suites import build_suite
 from kfade.tracking import make_tracker, write_results
@@ -49,8 +52,37 @@ def hyperparameters(method_cfg, curvature: CurvatureConfig | None) -> dict:
     return hp
 
 
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # used by conf/config.yaml's run dir
+
+
+def method_knobs(method: DictConfig) -> str:
+    """The method settings a reader checks first (those of its step rule and solver only)."""
+    rule = method.get("step_rule")
+    shown = {"solver": True, "step_rule": True, "target_forget_prob": rule == "target_forget",
+             "kl_budget": rule == "trust_region", "step_size": rule in ("fixed", "normalized"), "n_steps": True,
+             "cg_iters": method.get("solver") == "cg", "lr": True, "epochs": True}
+    return ", ".join(f"{k}={method[k]}" for k, show in shown.items() if show and k in method)
+
+
+def header(cfg: DictConfig, model_cfg: ModelConfig, dataset_cfg: DatasetConfig, run_dir: Path) -> str:
+    """The run's resolved choices in two lines: what a user checks first when a sweep looks wrong."""
+    choices = HydraConfig.get().runtime.choices
+    parts = [f"model={choices.get('model')} ({model_cfg.path or 'tiny, trained here'}, {model_cfg.device}, "
+             f"{model_cfg.dtype})",
+             f"dataset={choices.get('dataset')} ({dataset_cfg.source}, {dataset_cfg.forget_split})"]
+    if cfg.method.name == "kfade":
+        parts.append(f"curvature={choices.get('curvature')} ({cfg.curvature.damping_mode} damping "
+                     f"{cfg.curvature.damping})")
+    knobs = method_knobs(cfg.method)
+    parts += [f"method={choices.get('method')}" + (f" ({knobs})" if knobs else ""),
+              f"eval={choices.get('eval')}", f"logger={choices.get('logger')}"]
+    return "run: " + " · ".join(parts) + f"\ndir: {run_dir}"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg = typed(cfg.model, ModelConfig, "model")
+    device, dtype, notices = resolve_device(model_cfg.device, model_cfg.dtype)
+    model_cfg = dataclasses.replace(model_cfg, device=device, dtype=dtype)
     dataset_cfg = typed(cfg.dataset, DatasetConfig, "dataset")
     eval_cfg = typed(cfg.eval, EvalConfig, "eval")
     logger_cfg = typed(cfg.logger, LoggerConfig, "logger")
@@ -58,13 +90,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if method_name != "none" and method_name not in METHODS:
         raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
     method = None if method_name == "none" else configured_method(cfg)  # every config checked before any work
+    print(header(cfg, model_cfg, dataset_cfg, run_dir), flush=True)
+    for notice in notices:  # stdout, with the header: stderr stays one line for errors
+        print(f"note: {notice}", flush=True)
 
     group = logger_cfg.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name  # every job of one --multirun shares a W&B group
     tracker = make_tracker(logger_cfg.kind, run_dir, OmegaConf.to_container(cfg, resolve=True),
                            logger_cfg.project, logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
-                           name=HydraConfig.get().job.override_dirname or None)
+                           name=run_name(HydraConfig.get().overrides.task).lstrip("-") or None)
     with tracker:
         t0 = time.perf_counter()
         suite, results = build_suite(model_cfg, dataset_cfg, eval_cfg, cfg.noise_floor, cfg.progress)
@@ -74,6 +109,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if method is not None:
             results |= unlearn(cfg, method, suite, run_dir, tracker)
             rows.append("unlearned")
+            if cfg.reapply.epochs > 0:
+                rows += ["reapply/finetuned", "reapply/finetuned+delta"]
         write_results(run_dir, results)
         tracker.summary(results)
     print_table(results, rows, suite.headline_keys())
@@ -129,6 +166,7 @@ def main(cfg: DictConfig) -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg.progress = bool(cfg.progress) and sys.stderr.isatty()  # bars only where a person watches them
     try:
         run(cfg, run_dir)
     except ConfigError as err:

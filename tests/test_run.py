@@ -109,3 +109,13 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(cache, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: model.path='/no/such/model': no such local path, and not a "
                                                 "Hub id of the form org/name"]
+
+
+def test_header_first_and_the_reapply_rows_in_the_table(cache, tmp_path, capsys):
+    run_in_process(tmp_path, "experiment=mini_tofu_reapply", "method.solver=direct", "method.n_steps=1",
+                   "reapply.epochs=1")
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    assert first.startswith("run: model=tiny_llama (tiny, trained here, ") and "method=kfade (solver=direct" in first
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| reference", "| retrain", "| unlearned", "| reapply/finetuned", "| reapply/finetuned+delta"]

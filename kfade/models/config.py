@@ -14,7 +14,7 @@ class ModelConfig:
     path: str | None = None  # Hub id or local dir; None = train/reuse the benchmark's tiny reference model
     retrain_path: str | None = None  # retrain baseline: model (Hub id / dir) or TOFU eval-log dir; None = tiny
     dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     vocab_size: int = 1024  # tiny model only: BPE vocabulary size
     spec: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)  # tiny model only
     recipe: TrainRecipe = field(default_factory=TrainRecipe)  # tiny model only: reference and retrain share it

@@ -21,6 +21,37 @@ def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(device: str, dtype: str, key: str = "model.device") -> tuple[str, str, list[str]]:
+    """``(device, dtype, notices)`` for a model config's device and dtype.
+
+    ``auto``: ``cuda`` when CUDA is available, else ``cpu`` with a notice, where a 16-bit dtype falls back to
+    float32 (also with a notice: CPU matmuls in bf16/fp16 are slow and lossy). An explicit ``cuda``/``cuda:N``
+    or ``mps`` the machine does not have, or an unknown device, raises ``ConfigError``.
+    """
+    resolve_dtype(dtype)
+    notices = []
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda", dtype, notices
+        notices.append(f"{key}=auto: no CUDA device here, running on cpu")
+        if resolve_dtype(dtype).itemsize == 2:
+            notices.append(f"model.dtype={dtype}: on cpu using float32 instead")
+            dtype = "float32"
+        return "cpu", dtype, notices
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
+    if match is None or (match[1] != "cuda" and match[2] is not None):
+        raise ConfigError(key, device, "unknown device; use auto, cpu, cuda, cuda:N or mps")
+    if match[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(key, device, "this machine has no CUDA device; use auto or cpu")
+        if match[2] is not None and int(match[2]) >= count:
+            raise ConfigError(key, device, f"this machine has {count} CUDA device(s)")
+    if match[1] == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(key, device, "this machine has no MPS device; use auto or cpu")
+    return device, dtype, notices
+
+
 def check_source(path: str, key: str = "model.path") -> None:
     """A local path must exist and hold a config; anything else must look like a Hub id (``org/name``)."""
     local = Path(path).expanduser()
