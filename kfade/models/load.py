@@ -66,8 +66,10 @@ def check_source(path: str, key: str = "model.path") -> None:
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path"):
-    """Return ``(model, tokenizer)`` in eval mode; the tokenizer gets a pad token (EOS) if it has none."""
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: see :func:`resolve_device`); the
+    tokenizer gets a pad token (EOS) if it has none."""
     check_source(path, key)
+    device, dtype, _ = resolve_device(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
