@@ -12,6 +12,7 @@ from test_curvature_reference import tiny_llama as reference_llama
 from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.unlearn import UnlearnData, build_method
 from kfade.unlearn.losses import forget_gradient, mean_answer_prob
+from kfade.unlearn.step_search import eta_for_forget_prob
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,14 @@ def test_each_step_warm_starts_from_the_previous_direction(problem, tmp_path, mo
         assert all(torch.equal(starts[2][n], starts[1][n]) for n in starts[1])
     else:
         assert starts[2] is None
+
+
+def test_step_search_stops_when_the_target_is_out_of_reach(problem):
+    """P̄ cannot rise by ascending: the search ends within its budget, at the closest η, model unchanged."""
+    model, data = problem
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads, scores = forget_gradient(model, data.forget, [n for n, _ in model.named_parameters() if "proj" in n])
+    search = eta_for_forget_prob(model, grads, data.forget, target=min(0.99, 2 * scores.prob), eta0=1e-3,
+                                 max_evals=12)
+    assert search.evaluations <= 12 and search.forget_prob <= scores.prob + 1e-6
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -83,7 +83,7 @@ class GaussNewton:
             raise ConfigError("batches", "labels", "no label tokens (all labels are -100 or padding)")
         self.compute_dtype = torch.promote_types(params[self.names[0]].dtype, torch.float32)
         if mode == "auto":
-            mode = "double_backward"  # measured faster than forward mode on CPU (bench_unlearn)
+            mode = "double_backward"  # faster than forward mode on the mini-TOFU model (README: Performance)
         if retain_graphs and mode != "double_backward":
             raise ConfigError("method.ggn_mode", mode, "retained graphs need mode double_backward")
         self.mode, self.retain_graphs = mode, retain_graphs

@@ -46,7 +46,7 @@ def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tenso
 
     low, high = None, None  # P̄(low) > target ≥ P̄(high)
     eta = eta0
-    while len(tried) < max_evals:
+    while len(tried) < max_evals and eta not in tried:  # a repeated η: the bracket collapsed in floating point
         if abs(prob(eta) - target) <= rtol * target:
             break
         if tried[eta] > target:
