@@ -10,8 +10,8 @@ reuse it). The direction p comes from a solver:
 - ``cg``: p = ``cg_iters`` iterations of preconditioned conjugate gradients on (G + λI)p = ∇L_f with the *exact*
   G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
   preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
-  Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the direct
-  step's direction.
+  Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the
+  preconditioned gradient M∇L_f, the direct step's direction with δ + λ.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
@@ -43,7 +43,15 @@ from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
 from kfade.curvature.ggn import GaussNewton
 from kfade.errors import ConfigError
-from kfade.unlearn.base import LogFn, UnlearnData, require_choice, require_positive, restore, snapshot
+from kfade.unlearn.base import (
+    LogFn,
+    UnlearnData,
+    require_choice,
+    require_nonnegative,
+    require_positive,
+    restore,
+    snapshot,
+)
 from kfade.unlearn.delta import apply_delta
 from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_scores
 from kfade.unlearn.step_search import eta_for_forget_prob
@@ -87,10 +95,7 @@ class KFadeConfig:
         require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters")
         if not 0 < self.target_forget_prob < 1:
             raise ConfigError("method.target_forget_prob", self.target_forget_prob, "must be in (0, 1)")
-        for key in ("cg_tol", "cg_damping"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"method.{key}", value, "must be a finite number >= 0")
+        require_nonnegative(self, "cg_tol", "cg_damping")
         if self.cg_batches is not None and self.cg_batches < 1:
             raise ConfigError("method.cg_batches", self.cg_batches, "must be >= 1 or null")
         if self.cg_retain_graphs and self.ggn_mode == "forward":
