@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
 	PY=$(PY) experiments/sweeps/demo.sh
 
-compare: $(VENV)/.installed  ## the README's matched-forget comparison (all methods, ~15 min warm)
+compare: $(VENV)/.installed  ## the README's matched-forget comparison (all methods, ~20 min warm)
 	PY=$(PY) experiments/sweeps/mini_tofu_matched.sh
 
 test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)

@@ -4,7 +4,7 @@
 #   K-FADE CG (EK-FAC preconditioner): the default (3 steps × 5 PCG iterations) at 4 targets and one step of 10
 #   iterations at 7; K-FADE direct (identity, K-FAC, EK-FAC, one step) at 7 targets (step_rule=target_forget);
 #   GA, GradDiff, NPO, RMU: learning-rate grids. One curvature fit per estimator (cache).
-# Two job streams share the 2 cores (one thread each); about 25 minutes warm. W&B is off here (logger=none) for
+# Two job streams share the 2 cores (one thread each); about 20 minutes warm. W&B is off here (logger=none) for
 # speed; pass logger=wandb to log every job.
 #   experiments/sweeps/mini_tofu_matched.sh [SWEEP_DIR] [extra Hydra overrides…]
 set -euo pipefail
