@@ -122,30 +122,27 @@ class GaussNewton:
 
     def _batch_product(self, i: int, v: Vector) -> tuple[torch.Tensor, ...]:
         """Σ_t over batch i of J_tᵀ H_t J_t v (unnormalised)."""
-        params = dict(self.model.named_parameters())
-        tangents = [v[n].to(device=self.device, dtype=params[n].dtype) for n in self.names]
-        if self.mode == "forward":
-            with requires_grad_only(self.model, self.names), _eager_attention(self.model), fwad.dual_level():
-                duals = {n: fwad.make_dual(params[n], t) for n, t in zip(self.names, tangents, strict=True)}
-                logits = functional_call(self.model, duals, (), self._inputs(i)).logits
-                primal, tangent = fwad.unpack_dual(logits)
-                z = primal[self.masks[i]].to(self.compute_dtype)
-                jv = tangent[self.masks[i]].to(self.compute_dtype)
-            return self._backward(z, output_hessian_product(z.detach(), jv), [params[n] for n in self.names], False)
-        graph = self._graph(i, params)
-        (jv,) = torch.autograd.grad(graph.jtu, graph.u, tangents, retain_graph=self.retain_graphs)
-        hjv = output_hessian_product(graph.z.detach(), jv.detach())
-        return self._backward(graph.z, hjv, [params[n] for n in self.names], self.retain_graphs)
+        with requires_grad_only(self.model, self.names) as covered, _eager_attention(self.model):
+            tangents = [v[n].to(device=self.device, dtype=p.dtype) for n, p in zip(self.names, covered, strict=True)]
+            if self.mode == "forward":
+                with fwad.dual_level():
+                    duals = {n: fwad.make_dual(p, t) for n, p, t in zip(self.names, covered, tangents, strict=True)}
+                    primal, tangent = fwad.unpack_dual(functional_call(self.model, duals, (), self._inputs(i)).logits)
+                    z = primal[self.masks[i]].to(self.compute_dtype)
+                    jv = tangent[self.masks[i]].to(self.compute_dtype)
+                return self._backward(z, output_hessian_product(z.detach(), jv), covered, False)
+            graph = self._graph(i, covered)
+            (jv,) = torch.autograd.grad(graph.jtu, graph.u, tangents, retain_graph=self.retain_graphs)
+            hjv = output_hessian_product(graph.z.detach(), jv.detach())
+            return self._backward(graph.z, hjv, covered, self.retain_graphs)
 
-    def _graph(self, i: int, params: dict[str, nn.Parameter]) -> _Graph:
+    def _graph(self, i: int, covered: list[nn.Parameter]) -> _Graph:
+        """Batch i's label logits z and Jᵀu with its graph (built once and kept when ``retain_graphs``)."""
         if i < len(self._graphs):
             return self._graphs[i]
-        with requires_grad_only(self.model, self.names), _eager_attention(self.model):
-            logits = self.model(**self._inputs(i)).logits
-            z = logits[self.masks[i]].to(self.compute_dtype)
-            u = torch.zeros_like(z, requires_grad=True)
-            jtu = torch.autograd.grad(z, [params[n] for n in self.names], u, create_graph=True)
-        graph = _Graph(z, u, jtu)
+        z = self.model(**self._inputs(i)).logits[self.masks[i]].to(self.compute_dtype)
+        u = torch.zeros_like(z, requires_grad=True)
+        graph = _Graph(z, u, torch.autograd.grad(z, covered, u, create_graph=True))
         if self.retain_graphs:
             self._graphs.append(graph)
         return graph
