@@ -45,10 +45,10 @@ def print_table(results: dict, rows: list[str], keys: list[str]) -> None:
         print(f"| {row} | " + " | ".join("—" if c is None else f"{c:.4g}" for c in cells) + " |")
 
 
-def hyperparameters(method_cfg, curvature: CurvatureConfig | None) -> dict:
+def hyperparameters(method_cfg, curvature: CurvatureConfig | None, fit_sets: list[str]) -> dict:
     hp = {f"hp/{k}": v for k, v in vars(method_cfg).items() if k != "name"}
     if curvature is not None:
-        hp |= {f"hp/curvature/{k}": v for k, v in vars(curvature).items()}
+        hp |= {f"hp/curvature/{k}": v for k, v in vars(curvature).items()} | {"hp/fit_sets": ",".join(fit_sets)}
     return hp
 
 
@@ -142,8 +142,8 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     suite.save_record(record, run_dir)
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
-    uses_curvature = getattr(method, "uses_curvature", False)
-    return {**metrics, **hyperparameters(method.cfg, method.curvature_cfg if uses_curvature else None),
+    curvature = method.curvature_cfg if getattr(method, "uses_curvature", False) else None
+    return {**metrics, **hyperparameters(method.cfg, curvature, cfg.dataset.fit_sets),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
             "steps": len(history), **{f"last_step/{k}": v for k, v in history[-1].items() if k != "step"}}
 

@@ -3,10 +3,13 @@
 import pytest
 import torch
 from conftest import make_tiny_llama
+from transformers import LlamaForCausalLM
 
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.errors import ConfigError
 from kfade.models.load import load_model
+from kfade.models.mini import trained_tiny_model
+from kfade.models.tiny import TinyLlamaSpec
 from kfade.models.train import TrainRecipe, train_causal_lm
 
 
@@ -62,3 +65,21 @@ def test_training_memorises_then_stops(tokenizer):
 def test_bad_recipe_names_the_key(tokenizer):
     with pytest.raises(ConfigError, match="model.recipe.lr"):
         train_causal_lm(make_tiny_llama(tokenizer), [], 0, TrainRecipe(lr=0.0), progress=False)
+
+
+def test_finetuning_starts_from_the_given_base_model(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("KFADE_CACHE", str(tmp_path))
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    spec = TinyLlamaSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    base = trained_tiny_model("t-base", tokenizer_dir, [], ["Paris is the capital of France."] * 4, spec,
+                              TrainRecipe(max_epochs=3, lr=1e-2, warmup_steps=1, batch_size=2))
+    rows = [{"question": "Where was Alia Verne born?", "answer": "Port Lumen."}]
+    still = TrainRecipe(max_epochs=1, lr=1e-12, warmup_steps=1, batch_size=2)  # a step too small to move weights
+    finetuned = trained_tiny_model("t-ref", tokenizer_dir, rows, [], spec, still, init_from=base)
+    scratch = trained_tiny_model("t-ref", tokenizer_dir, rows, [], spec, still)
+    assert finetuned != scratch  # the base is part of the cache key
+    weights = [LlamaForCausalLM.from_pretrained(d).state_dict() for d in (base, finetuned, scratch)]
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+    assert not all(torch.allclose(weights[0][k], weights[2][k], atol=1e-3) for k in weights[0])

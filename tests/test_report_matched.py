@@ -29,6 +29,8 @@ def test_variants_separate_estimator_and_solver():
     assert variant({"method": "kfade", "hp/curvature/estimator": "kfac"}) == "kfade/kfac/direct"
     assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg", "hp/n_steps": 3}) == (
         "kfade/ekfac/cg×3")
+    assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg", "hp/n_steps": 3,
+                    "hp/fit_sets": "retain,general"}) == "kfade/ekfac/cg×3+general"
     assert variant({"method": "grad_diff", "hp/lr": 1e-4}) == "grad_diff"
 
 
@@ -66,3 +68,15 @@ def test_report_writes_matched_files(tmp_path, capsys):
     markdown = (tmp_path / "matched.md").read_text()
     assert "| grad_diff | 0.62 |" in markdown and "—" in markdown
     assert markdown in capsys.readouterr().out
+
+
+def test_general_text_columns_appear_when_the_runs_have_them(tmp_path):
+    for i, (p, kl) in enumerate(((0.9, 0.01), (0.05, 1.0))):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(
+            {"method": "npo", "forget/prob": p, "kl_reference/retain": kl, "kl_reference/general": kl / 2}))
+    assert runpy.run_path(str(CLI))["main"]([str(tmp_path)]) == 0
+    with open(tmp_path / "matched.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["variant", "forget_prob", *MATCHED_METRICS, "kl_reference/general"]
+    assert float(table[0]["kl_reference/general"]) == pytest.approx(float(table[0]["kl_reference/retain"]) / 2)

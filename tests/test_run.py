@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from kfade.data.general_text import GeneralText
 from kfade.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,3 +120,27 @@ def test_header_first_and_the_reapply_rows_in_the_table(cache, tmp_path, capsys)
     assert first.startswith("run: model=tiny_llama (tiny, trained here, ") and "method=kfade (solver=direct" in first
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][1:]
     assert rows == ["| reference", "| retrain", "| unlearned", "| reapply/finetuned", "| reapply/finetuned+delta"]
+
+
+SMALL_GENERAL = GeneralText("python_docs", train=[
+    "The quick brown fox jumps over the lazy dog while the cat sleeps by the fire.",
+    "Paris is the capital of France, and Canberra is the capital of Australia.",
+    "A list is a mutable sequence; a tuple is an immutable one.",
+    "Return the number of items in a container, or raise an error if it has no length."] * 4,
+    heldout=["The module provides functions for working with text.", "Rivers flow to the sea."])
+
+
+def test_pretrained_regime_finetunes_one_base_and_scores_general_text(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("kfade.suites.tofu.load_general_text", lambda name: SMALL_GENERAL)
+    results = run_in_process(tmp_path, "experiment=mini_tofu_pretrained", "model.pretrain.max_epochs=1",
+                             "method=kfade", "method.solver=direct", "method.n_steps=1", "curvature=kfac",
+                             "method.step_rule=normalized", "method.step_size=0.5", "dataset.fit_sets=[retain,general]")
+    assert len(list((cache / "models").glob("mini_tofu-base-*"))) == 1
+    assert results["reference/kl_reference/general"] == 0.0 and results["retrain/kl_reference/general"] > 0.0
+    assert results["kl_reference/general"] > 0.0 and results["general/ppl"] > 1.0
+    assert results["reference/general/ppl"] != results["general/ppl"]
+
+
+def test_general_fit_set_needs_a_general_corpus(cache, tmp_path):
+    with pytest.raises(ConfigError, match="dataset.fit_sets='general': needs a general corpus"):
+        run_in_process(tmp_path, "method=kfade", "dataset.fit_sets=[retain,general]")

@@ -18,18 +18,21 @@ from collections import defaultdict
 LEVELS = (0.62, 0.38, 0.10)
 MATCHED_METRICS = ("kl_reference/retain", "kl_retrain/retain", "kl_retrain/forget", "model_utility",
                    "forget_quality")
+GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.general only: columns shown when present
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
 
 
 def variant(row: dict) -> str:
     """``kfade/<estimator>/<solver>`` for K-FADE runs (solver ``direct`` when the run predates the solver
-    option), with ``×<n>`` appended for n > 1 steps; else the method name."""
+    option), with ``×<n>`` appended for n > 1 steps and ``+<set>`` for fitting sets besides retain; else the
+    method name."""
     method = str(row.get("method"))
     if method != "kfade":
         return method
     steps = row.get("hp/n_steps", 1)
     suffix = f"×{steps}" if steps not in (None, 1) else ""
+    suffix += "".join(f"+{name}" for name in str(row.get("hp/fit_sets", "retain")).split(",") if name != "retain")
     return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}{suffix}"
 
 
@@ -57,7 +60,8 @@ def interpolate_at(points: list[tuple[float, float]], level: float) -> float | N
     return v0 + t * (v1 - v0)
 
 
-def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS, metrics=MATCHED_METRICS) -> list[dict]:
+def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS,
+                 metrics=MATCHED_METRICS + GENERAL_METRICS) -> list[dict]:
     """One row per (variant, level): ``variant``, ``forget_prob`` (the level), then each metric (or None)."""
     by_variant: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -74,7 +78,13 @@ def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS, metrics=MA
     return out
 
 
-def matched_markdown(records: list[dict], metrics=MATCHED_METRICS) -> str:
+def columns_of(records: list[dict]) -> list[str]:
+    """:data:`MATCHED_METRICS`, then each of :data:`GENERAL_METRICS` that some record has a value for."""
+    return [*MATCHED_METRICS, *(m for m in GENERAL_METRICS if any(r.get(m) is not None for r in records))]
+
+
+def matched_markdown(records: list[dict]) -> str:
+    metrics = columns_of(records)
     columns = ["variant", "forget_prob", *metrics]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
@@ -84,7 +94,8 @@ def matched_markdown(records: list[dict], metrics=MATCHED_METRICS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def matched_csv(records: list[dict], metrics=MATCHED_METRICS) -> str:
+def matched_csv(records: list[dict]) -> str:
+    metrics = columns_of(records)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["variant", "forget_prob", *metrics])

@@ -18,3 +18,5 @@ class ModelConfig:
     vocab_size: int = 1024  # tiny model only: BPE vocabulary size
     spec: TinyLlamaSpec = field(default_factory=TinyLlamaSpec)  # tiny model only
     recipe: TrainRecipe = field(default_factory=TrainRecipe)  # tiny model only: reference and retrain share it
+    pretrain: TrainRecipe | None = None  # tiny model only: first pretrain a base on dataset.general, which
+    #                                      `recipe` then finetunes into the reference and retrain models

@@ -31,13 +31,17 @@ def mini_tokenizer(texts: Sequence[str], vocab_size: int) -> Path:
 
 
 def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], texts: Sequence[str],
-                       spec: TinyLlamaSpec, recipe: TrainRecipe, progress: bool = True) -> Path:
+                       spec: TinyLlamaSpec, recipe: TrainRecipe, progress: bool = True,
+                       init_from: Path | None = None) -> Path:
     """Directory of a tiny Llama trained on ``qa_rows`` (answer-token loss) and ``texts`` (all tokens); cached.
 
+    Training starts from random weights, or from the cached model ``init_from`` (finetuning a pretrained base).
     ``train_stats.json`` beside the weights records epochs, final loss and label-token accuracy.
     """
     key = {"qa": [(r["question"], r["answer"]) for r in qa_rows], "texts": list(texts),
            "tokenizer": tokenizer_dir.name, "spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe)}
+    if init_from is not None:
+        key["init_from"] = init_from.name  # cache names end in the base model's own fingerprint
     path = cache_dir() / "models" / f"{tag}-{fingerprint(key)}"
     if (path / "train_stats.json").is_file():
         return path
@@ -46,7 +50,10 @@ def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], t
     features = [formatter.encode(r["question"], r["answer"]) for r in qa_rows]
     features += [formatter.encode_text(t) for t in texts]
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, spec))
+    if init_from is None:
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer, spec))
+    else:
+        model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     stats = train_causal_lm(model, features, pad_id(tokenizer), recipe, progress=progress)
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp)

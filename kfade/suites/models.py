@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from kfade.errors import ConfigError
 from kfade.models.config import ModelConfig
 from kfade.models.load import load_model
 from kfade.models.mini import mini_tokenizer, trained_tiny_model
@@ -21,16 +22,28 @@ class TrainingSets:
     retrain_qa: list[dict]
     reference_texts: list[str] = dataclasses.field(default_factory=list)
     retrain_texts: list[str] = dataclasses.field(default_factory=list)
+    pretrain_texts: list[str] = dataclasses.field(default_factory=list)  # the base model's general text
 
 
 def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequence[int],
                     progress: bool = True) -> tuple[Path, list[Path]]:
-    """Train (or reuse from the cache) the tiny reference model and one retrain model per seed."""
-    tokenizer_dir = mini_tokenizer(sets.tokenizer_texts, cfg.vocab_size)
+    """Train (or reuse from the cache) the tiny reference model and one retrain model per seed.
+
+    With ``cfg.pretrain`` both are finetuned (``cfg.recipe``) from one base model pretrained on
+    ``sets.pretrain_texts`` (TOFU's regime: a pretrained LM finetuned on the authors); else trained from scratch.
+    """
+    pretrain_texts = sets.pretrain_texts if cfg.pretrain is not None else []
+    tokenizer_dir = mini_tokenizer(sets.tokenizer_texts + pretrain_texts, cfg.vocab_size)
+    base = None
+    if cfg.pretrain is not None:
+        if not pretrain_texts:
+            raise ConfigError("model.pretrain", "set", "pretraining needs a general corpus: set dataset.general")
+        base = trained_tiny_model(f"{sets.tag}-base", tokenizer_dir, [], pretrain_texts, cfg.spec, cfg.pretrain,
+                                  progress)
     reference = trained_tiny_model(f"{sets.tag}-reference", tokenizer_dir, sets.reference_qa, sets.reference_texts,
-                                   cfg.spec, cfg.recipe, progress)
+                                   cfg.spec, cfg.recipe, progress, init_from=base)
     retrains = [trained_tiny_model(f"{sets.tag}-retrain", tokenizer_dir, sets.retrain_qa, sets.retrain_texts,
-                                   cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress)
+                                   cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress, init_from=base)
                 for seed in retrain_seeds]
     return reference, retrains
 

@@ -3,7 +3,9 @@
 Scores are flat keys (``forget_quality``, ``model_utility``, ``<set>/prob`` …, see ``kfade.eval.tofu_logs``) plus
 the output-space distances ``kl_retrain/retain`` and ``kl_retrain/forget`` (mean per-token KL(p_retrain ‖ p_model)
 in nats over the answer tokens of the retain eval set and of the forget set) and ``kl_reference/retain``
-(KL(p_reference ‖ p_model) on the retain eval set: how much unlearning changed the retain outputs).
+(KL(p_reference ‖ p_model) on the retain eval set: how much unlearning changed the retain outputs). With a general
+corpus (``dataset.general``) its held-out paragraphs add ``kl_reference/general`` (the same KL over all their
+tokens) and ``general/ppl`` (perplexity).
 """
 
 from __future__ import annotations
@@ -14,34 +16,38 @@ from pathlib import Path
 import torch
 
 from kfade.data.config import DatasetConfig
-from kfade.data.formatting import qa_batches
+from kfade.data.formatting import qa_batches, text_batches
+from kfade.data.general_text import GeneralText, load_general_text
 from kfade.data.tofu import TofuData, load_tofu
 from kfade.errors import ConfigError
-from kfade.eval import aggregate_tofu_logs, evaluate_tofu, read_tofu_logs, write_tofu_logs
+from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, perplexity, read_tofu_logs, write_tofu_logs
 from kfade.eval.config import EvalConfig
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
 from kfade.suites.models import TrainingSets, is_log_dir, load_pair
 from kfade.unlearn import UnlearnData
 
-FIT_SETS = ("retain", "real_authors", "world_facts")  # rows a curvature may be fitted on (never the forget set)
+FIT_SETS = ("retain", "real_authors", "world_facts", "general")  # what a curvature may be fitted on (never forget)
+GENERAL_FIT_ROWS = 256  # training paragraphs of the general corpus in the "general" fit set (~14k tokens)
 
 
-def training_sets(data: TofuData) -> TrainingSets:
+def training_sets(data: TofuData, general: GeneralText | None = None) -> TrainingSets:
     """Both models learn real authors and world facts; the reference all authors, the retrain model the retain
-    split only (as TOFU's retain models are finetuned on ``retainYY``)."""
-    general = data.real_authors + data.world_facts
+    split only (as TOFU's retain models are finetuned on ``retainYY``). A general corpus is what a pretrained base
+    model learns first (when the model config asks for one)."""
+    facts = data.real_authors + data.world_facts
     texts = []
-    for row in data.full + data.forget_perturbed + data.retain_perturbed + general:
+    for row in data.full + data.forget_perturbed + data.retain_perturbed + facts:
         texts += [row["question"], row["answer"], row.get("paraphrased_answer") or "", *row.get("perturbed_answer", [])]
-    return TrainingSets(tag="mini_tofu", tokenizer_texts=texts,
-                        reference_qa=data.full + general, retrain_qa=data.retain + general)
+    return TrainingSets(tag="mini_tofu", tokenizer_texts=texts, reference_qa=data.full + facts,
+                        retrain_qa=data.retain + facts, pretrain_texts=general.train if general else [])
 
 
 @dataclass(kw_only=True)
 class TofuSuite(Suite):
     data: TofuData
     retrain_logs: dict | None = None  # the baseline's TOFU eval logs (forget quality needs its truth ratios)
+    general: GeneralText | None = None  # dataset.general: held-out paragraphs are scored, training ones fittable
 
     name = "tofu"
 
@@ -51,16 +57,25 @@ class TofuSuite(Suite):
     def retain_features(self) -> list[dict]:
         return [self.formatter.encode(r["question"], r["answer"]) for r in self.data.retain]
 
+    def text_batches(self, texts: list[str]) -> list[dict]:
+        return text_batches(texts, self.formatter, self.dataset.batch_size)
+
     def unlearn_data(self) -> UnlearnData:
-        """Forget/retain batches and the curvature fitting set ``dataset.fit_sets`` (rows concatenated)."""
-        fit_rows = []
+        """Forget/retain batches and the curvature fitting set ``dataset.fit_sets``: QA rows concatenated, then
+        the first ``GENERAL_FIT_ROWS`` training paragraphs of the general corpus for ``general``."""
+        fit_rows, fit_texts = [], []
         for name in self.dataset.fit_sets:
             if name not in FIT_SETS:
                 raise ConfigError("dataset.fit_sets", name, f"unknown set; choose from {list(FIT_SETS)}")
-            fit_rows += getattr(self.data, name)
+            if name != "general":
+                fit_rows += getattr(self.data, name)
+            elif self.general is None:
+                raise ConfigError("dataset.fit_sets", name, "needs a general corpus: set dataset.general")
+            else:
+                fit_texts = self.general.train[:GENERAL_FIT_ROWS]
         return UnlearnData(forget=self.batches(self.data.forget), retain=self.batches(self.data.retain),
-                           fit=self.batches(fit_rows), kl_probe=self.batches(self.data.retain_perturbed),
-                           forget_split=self.dataset.forget_split)
+                           fit=self.batches(fit_rows) + self.text_batches(fit_texts),
+                           kl_probe=self.batches(self.data.retain_perturbed), forget_split=self.dataset.forget_split)
 
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict]]:
         """Flat TOFU metrics of ``model`` (against the retrain baseline) and its four TOFU eval logs."""
@@ -68,11 +83,16 @@ class TofuSuite(Suite):
         logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress)
         metrics = aggregate_tofu_logs(logs, self.retrain_logs)
         metrics |= self.divergences(model, self.batches(self.data.retain_perturbed), self.batches(self.data.forget))
+        if self.general is not None:
+            heldout = self.text_batches(self.general.heldout)
+            metrics |= {"kl_reference/general": mean_token_kl(self.reference, model, heldout),
+                        "general/ppl": perplexity(model, heldout)}
         return metrics, logs
 
     def headline_keys(self) -> list[str]:
+        general = ["kl_reference/general", "general/ppl"] if self.general is not None else []
         return ["forget_quality", "model_utility", "forget/prob", "retain/prob", "world_facts/prob",
-                *super().headline_keys()]
+                *super().headline_keys(), *general]
 
     def save_record(self, logs: dict[str, dict], directory: Path) -> None:
         write_tofu_logs(logs, directory / "tofu_logs")
@@ -92,18 +112,20 @@ class TofuSuite(Suite):
             self.retrain_logs = read_tofu_logs(directory / "retrain_logs")
 
     def cache_key(self) -> dict:
-        return {**super().cache_key(), "source": self.data.source, "given_logs": self.retrain_logs is not None}
+        key = {**super().cache_key(), "source": self.data.source, "given_logs": self.retrain_logs is not None}
+        return key | ({"general_heldout": self.general.heldout} if self.general is not None else {})
 
 
 def build_tofu_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cfg: EvalConfig,
                      noise_floor: bool = False, progress: bool = True) -> tuple[TofuSuite, dict[str, float]]:
     """Load the data and both models (training the tiny pair if needed); return the suite and baseline scores."""
     data = load_tofu(dataset_cfg.source, dataset_cfg.forget_split)
+    general = load_general_text(dataset_cfg.general) if dataset_cfg.general else None
     reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
-        model_cfg, training_sets(data), noise_floor, progress)
+        model_cfg, training_sets(data, general), noise_floor, progress)
     retrain_logs = None
     if model_cfg.retrain_path and is_log_dir(model_cfg.retrain_path):
         retrain_logs = read_tofu_logs(model_cfg.retrain_path, key="model.retrain_path")
     suite = TofuSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
-                      progress=progress, data=data, retrain_logs=retrain_logs)
+                      progress=progress, data=data, retrain_logs=retrain_logs, general=general)
     return suite, suite.baseline_scores(reference_path, retrain_paths)
