@@ -158,14 +158,14 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
     timings = getattr(method, "timings", {})
-    delta_path = run_dir / "delta.safetensors"
     delta = compute_delta(before, model)
-    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
-    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     metrics, record = suite.score(model)
-    suite.save_record(record, run_dir)
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
+    suite.save_record(record, run_dir)  # outputs at the end, each atomic; results.json (written last) marks done
+    delta_path = run_dir / "delta.safetensors"
+    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
+    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     uses_curvature = getattr(method, "uses_curvature", False)
     return {**metrics, **hyperparameters(method.cfg, method.curvature_cfg if uses_curvature else None),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 
-from kfade.cache import atomic_path, cache_dir, fingerprint
+from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal
 from kfade.errors import ConfigError
 
 LAYOUTS = ("{name}.json", "{name}.jsonl", "{name}.parquet", "{name}.txt", "{name}/train-*.parquet",
@@ -81,7 +81,8 @@ def materialise(prefix: str, write: Callable[[Path, int], object], inputs: list[
     """``cache_dir()/data/<prefix>-<fingerprint of the inputs' bytes and seed>``, written atomically once."""
     digests = [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]
     path = cache_dir() / "data" / f"{prefix}-{fingerprint({'inputs': digests, 'seed': seed})}"
-    if not path.is_dir():
+    if not cached(path, "data"):
         with atomic_path(path) as tmp:
             write(tmp, seed)
+            seal(tmp)
     return path

@@ -11,7 +11,9 @@ reuse it). The direction p comes from a solver:
   G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
   preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
   Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the
-  preconditioned gradient M∇L_f, the direct step's direction with δ + λ.
+  preconditioned gradient M∇L_f, the direct step's direction with δ + λ. With ``cg_checkpoint`` each PCG
+  iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting weights, data, both configs)
+  and the same run started again after a crash resumes there and ends bit-equal; removed when the run ends.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
@@ -28,16 +30,17 @@ Step rules (η):
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from kfade.cache import cache_dir
-from kfade.curvature import Curvature, CurvatureConfig, load_or_fit
+from kfade.cache import cache_dir, fingerprint
+from kfade.curvature import Curvature, CurvatureConfig, load_or_fit, model_fingerprint
 from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
@@ -46,6 +49,7 @@ from kfade.errors import ConfigError
 from kfade.unlearn.base import (
     LogFn,
     UnlearnData,
+    batches_fingerprint,
     require_choice,
     require_nonnegative,
     require_positive,
@@ -82,6 +86,7 @@ class KFadeConfig:
     cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
     cg_warm_start: bool = True  # cg: start each step's PCG from the previous step's direction (else from 0)
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
+    cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
 
     def __post_init__(self):
@@ -174,7 +179,7 @@ class KFade:
 
     def solve(self, model: torch.nn.Module, curvature: Curvature, grads: dict[str, torch.Tensor],
               data: UnlearnData, step: int, warm_start: dict[str, torch.Tensor] | None,
-              emit: LogFn) -> tuple[dict[str, torch.Tensor], dict]:
+              emit: LogFn, checkpoints: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """The step's direction p and what to log about it (see the module docstring for the solvers)."""
         cfg = self.cfg
         if cfg.solver == "direct":
@@ -199,7 +204,8 @@ class KFade:
         with bar:
             result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
                                                   max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
-                                                  callback=log_iteration)
+                                                  callback=log_iteration, key=f"step{step}:{lam!r}",
+                                                  checkpoint=checkpoints and checkpoints / f"step{step}.safetensors")
         direction = {n: result.x[n].to(g.dtype) for n, g in grads.items()}
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
@@ -221,8 +227,9 @@ class KFade:
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0}]
         emit(history[-1])
         previous = None
+        checkpoints = self.checkpoint_dir(model, data) if self.cfg.solver == "cg" and self.cfg.cg_checkpoint else None
         for step in range(1, self.cfg.n_steps + 1):
-            direction, record = self.solve(model, curvature, grads, data, step, previous, emit)
+            direction, record = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
             record = {"step": step, **record}
             saved = snapshot(model, names)
             if self.cfg.step_rule == "target_forget":
@@ -255,5 +262,15 @@ class KFade:
             history.append(record)
             emit(record)
             previous = direction if self.cfg.cg_warm_start else None
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history
+
+    def checkpoint_dir(self, model: torch.nn.Module, data: UnlearnData) -> Path:
+        """Where this run's PCG states go: keyed by the starting weights, the data and every setting, so only the
+        same run resumes them (taken before the first step, while the model is at its starting weights)."""
+        key = fingerprint({"model": model_fingerprint(model), "fit": data.fit_fingerprint,
+                           "forget": batches_fingerprint(data.forget), "probe": batches_fingerprint(data.kl_probe),
+                           "method": asdict(self.cfg), "curvature": asdict(self.curvature_cfg)})
+        return self.cache_root.parent / "cg" / key
