@@ -78,6 +78,14 @@ def require_choice(cfg, name: str, choices: Sequence[str]) -> None:
     require_one_of(f"method.{name}", getattr(cfg, name), choices)
 
 
+def non_finite(what: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """``"non-finite <what> in <name>"`` for the first tensor holding NaN or ±inf, else None."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            return f"non-finite {what} in {name}"
+    return None
+
+
 def snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Copies of the named parameters on the CPU (exact; keeps accelerator memory free)."""
     params = dict(model.named_parameters())

@@ -50,6 +50,7 @@ from kfade.unlearn.base import (
     LogFn,
     UnlearnData,
     batches_fingerprint,
+    non_finite,
     require_choice,
     require_nonnegative,
     require_positive,
@@ -117,8 +118,6 @@ def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
     return sum(float(t.double().square().sum()) for t in tensors.values())
 
 
-def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def evenly_spaced(items: list, count: int | None) -> list:
@@ -168,7 +167,7 @@ class KFade:
         backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
         for halvings in range(backtracks + 1):
             delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
-            if not all_finite(delta):
+            if non_finite("step delta", delta):
                 return delta, None, halvings
             apply_delta(model, delta)
             retain_kl = probe(model)
@@ -210,6 +209,35 @@ class KFade:
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
 
+    def step(self, model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe,
+             start_prob) -> tuple[dict, dict | None, dict | None, float | None, str | None]:
+        """Solve for the direction, choose η and apply Δ: ``(record, direction, Δ, retain KL, problem)``;
+        ``problem`` names the first non-finite quantity (forget gradient, CG residual, direction, Δ) and its layer,
+        else None (then Δ is applied)."""
+        record = {"step": step}
+        problem = non_finite("forget gradient", grads)
+        if problem is not None:
+            return record, None, None, None, problem
+        direction, solved = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
+        record |= solved
+        if solved.get("cg_stop") == "non_finite":
+            return record, None, None, None, f"non-finite CG residual after {solved['cg_iters']} iterations"
+        problem = non_finite("step direction", direction)
+        if problem is not None:
+            return record, None, None, None, problem
+        if self.cfg.step_rule == "target_forget":
+            target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
+            search = eta_for_forget_prob(model, direction, data.forget, target,
+                                         self.eta(grads, direction, SEARCH_START_KL))
+            eta, record["forget_evals"] = search.eta, search.evaluations
+        else:
+            eta = self.eta(grads, direction, self.cfg.kl_budget)
+        delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
+        record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
+        if halvings:
+            record["backtracks"] = halvings
+        return record, direction, delta, retain_kl, None if retain_kl is not None else non_finite("step delta", delta)
+
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
@@ -229,31 +257,20 @@ class KFade:
         previous = None
         checkpoints = self.checkpoint_dir(model, data) if self.cfg.solver == "cg" and self.cfg.cg_checkpoint else None
         for step in range(1, self.cfg.n_steps + 1):
-            direction, record = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
-            record = {"step": step, **record}
             saved = snapshot(model, names)
-            if self.cfg.step_rule == "target_forget":
-                target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
-                eta0 = self.eta(grads, direction, SEARCH_START_KL) if all_finite(direction) else 1.0
-                search = eta_for_forget_prob(model, direction, data.forget, target, eta0)
-                eta, record["forget_evals"] = search.eta, search.evaluations
-            else:
-                eta = self.eta(grads, direction, self.cfg.kl_budget)
-            delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
-            record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
-            if halvings:
-                record["backtracks"] = halvings
-            accepted = retain_kl is not None
-            if accepted:
+            record, direction, delta, retain_kl, problem = self.step(
+                model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe, start_prob)
+            if problem is None:
                 last = step == self.cfg.n_steps
                 grads, scores = ((None, forget_scores(model, data.forget)) if last
                                  else forget_gradient(model, data.forget, names, self.progress))
-                accepted = math.isfinite(scores.nll)
-            if not accepted:
+                if not math.isfinite(scores.nll):
+                    problem = "non-finite forget loss (logits) after the step"
+            if problem is not None:
                 restore(model, saved)
-                record["rejected"] = "non-finite update or forget loss; weights rolled back"
-                warnings.warn(f"K-FADE step {step} rejected: non-finite update or forget loss "
-                              f"(eta={eta:.3g}); weights rolled back, stopping", stacklevel=2)
+                record["rejected"] = f"{problem}; weights rolled back"
+                warnings.warn(f"K-FADE step {step} rejected: {problem}; weights rolled back to before the step, "
+                              "stopping", stacklevel=2)
                 history.append(record)
                 emit(record)
                 break
