@@ -1,0 +1,247 @@
+"""Bad input through the real entry points fails early and clearly, or is recovered from where that is the contract.
+
+Each case: a ``ConfigError`` (the CLI: ``error: key=value: reason`` on one line of stderr, exit code 2, no
+traceback) that names the key and the value, raised by the same ``validated`` that ``experiments/run.py`` calls
+before any data is built or model trained (the cache starts cold and holds no model afterwards), and every file
+that existed before is intact afterwards.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+
+from kfade.curvature import CurvatureConfig
+from kfade.data.files import materialise
+from kfade.data.tofu import load_tofu, mini_tofu_dir
+from kfade.errors import ConfigError
+from kfade.models.mini import mini_tokenizer, trained_tiny_model
+from kfade.models.tiny import TinyLlamaSpec
+from kfade.models.train import TrainRecipe
+from kfade.unlearn import build_method
+from kfade.unlearn.delta import apply_delta, load_delta, save_delta
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import report  # noqa: E402
+import run as entry  # noqa: E402
+from conftest import make_tiny_llama  # noqa: E402
+from test_unlearn_kfade import qa_data  # noqa: E402
+
+
+def digests(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``roots``."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def intact(before: dict[str, str], *roots: Path) -> bool:
+    """Every file of ``before`` still there with the same bytes (new files are allowed)."""
+    after = digests(*roots)
+    return all(after.get(path) == digest for path, digest in before.items())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A cold cache and local inputs: a TOFU copy (and broken variants), a model dir without config.json, a dir
+    that is neither a model nor eval logs."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KFADE_CACHE", str(root / "cache"))
+        tofu = root / "tofu"
+        shutil.copytree(mini_tofu_dir(), tofu, ignore=shutil.ignore_patterns("checksums.json"))
+        for name, change in (("tofu_missing", "full.json"), ("tofu_empty", "retain90.json")):
+            shutil.copytree(tofu, root / name)
+            (root / name / change).unlink()
+        (root / "tofu_empty" / "retain90.json").write_text("")
+        (root / "no_config").mkdir()
+        (root / "no_config" / "tokenizer.json").write_text("{}")
+        (root / "neither").mkdir()
+        (root / "neither" / "weights.bin").write_bytes(b"\0" * 8)
+        yield root
+
+
+CONFIG_CASES = [  # (overrides, key, value as printed)
+    (["dataset.batch_size=0"], "dataset.batch_size", "0"),
+    (["dataset.batch_size=-4"], "dataset.batch_size", "-4"),
+    (["dataset.batch_size=many"], "dataset.batch_size", "'many'"),
+    (["dataset.max_length=1"], "dataset.max_length", "1"),
+    (["dataset.max_length=1000"], "dataset.max_length", "1000"),  # beyond the tiny model's positions
+    (["dataset.forget_split=forget42"], "dataset.forget_split", "'forget42'"),
+    (["dataset.fit_sets=[forget]"], "dataset.fit_sets", "'forget'"),
+    (["dataset.fit_sets=[]"], "dataset.fit_sets", "[]"),
+    (["dataset.name=imagenet"], "dataset.name", "'imagenet'"),
+    (["dataset.source=/no/such/dir"], "dataset.source", "'/no/such/dir'"),
+    (["dataset.source={root}/tofu_missing"], "dataset.source", "tofu_missing"),  # a split file missing
+    (["dataset.source={root}/tofu_empty"], "dataset.source", "tofu_empty"),  # an empty split file
+    (["experiment=mini_wmdp", "dataset.fit_sets=[retain,forget]"], "dataset.fit_sets", "['retain', 'forget']"),
+    (["curvature.damping=nan"], "curvature.damping", "nan"),
+    (["curvature.damping=-1"], "curvature.damping", "-1.0"),
+    (["curvature.damping=inf"], "curvature.damping", "inf"),
+    (["curvature.mc_samples=0"], "curvature.mc_samples", "0"),
+    (["curvature.estimator=shampoo"], "curvature.estimator", "'shampoo'"),
+    (["curvature.modules='(unclosed'"], "curvature.modules", "'(unclosed'"),
+    (["method.step_size=0"], "method.step_size", "0.0"),
+    (["method.target_forget_prob=1.0"], "method.target_forget_prob", "1.0"),
+    (["method.target_forget_prob=nan"], "method.target_forget_prob", "nan"),
+    (["method.n_steps=0"], "method.n_steps", "0"),
+    (["method.solver=newton"], "method.solver", "'newton'"),
+    (["method=grad_ascent", "method.lr=-1e-5"], "method.lr", "-1e-05"),
+    (["method.name=sgd"], "method.name", "'sgd'"),
+    (["model.device=cuda"], "model.device", "'cuda'"),
+    (["model.device=tpu"], "model.device", "'tpu'"),
+    (["model.dtype=float8"], "model.dtype", "'float8'"),
+    (["model.path=/no/such/model"], "model.path", "'/no/such/model'"),
+    (["model.path={root}/no_config"], "model.path", "no_config"),
+    (["model.retrain_path={root}/neither"], "model.retrain_path", "neither"),
+    (["model.vocab_size=10"], "model.vocab_size", "10"),
+    (["model.spec.num_attention_heads=3"], "model.spec.num_attention_heads", "3"),
+    (["model.recipe.lr=nan"], "model.recipe.lr", "nan"),
+    (["model.recipe.max_epochs=0"], "model.recipe.max_epochs", "0"),
+    (["eval.metrics=[prob,bleu]"], "eval.metrics", "'bleu'"),
+    (["eval.batch_size=0"], "eval.batch_size", "0"),
+    (["eval.lm_eval_limit=0"], "eval.lm_eval_limit", "0"),
+    (["eval.lm_eval_tasks=[mini_wmdp]", "eval.lm_eval_data_dir=/no/such/dir"], "eval.lm_eval_data_dir", "/no/such"),
+    (["experiment=mini_wmdp", "eval.lm_eval_tasks=[nonexistent]"], "eval.lm_eval_tasks", "'nonexistent'"),
+    (["logger.kind=tensorboard"], "logger.kind", "'tensorboard'"),
+    (["logger=wandb", "logger.mode=sometimes"], "logger.mode", "'sometimes'"),
+    (["seed=abc"], "seed", "'abc'"),
+    (["progress=maybe"], "progress", "'maybe'"),
+    (["reapply.epochs=-1"], "reapply.epochs", "-1"),
+    (["reapply.lr=nan"], "reapply.lr", "nan"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "value"), CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_bad_config_is_one_line_naming_key_and_value_before_any_work(inputs, overrides, key, value):
+    before = digests(inputs)
+    overrides = [o.replace("{root}", str(inputs)) for o in overrides]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(ConfigError) as err:
+        entry.validated(cfg)
+    message = f"error: {err.value}"
+    assert err.value.key == key and "\n" not in message
+    assert message.startswith(f"error: {key}=") and value in message.split(": ", 2)[1]
+    assert not (inputs / "cache" / "models").exists()  # nothing was trained
+    assert intact(before, inputs)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Real CLI runs (the issue's two tracebacks), started together: each spends seconds importing."""
+    root = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "KFADE_CACHE": str(root / "cache")}
+    overrides = {"batch_size": "dataset.batch_size=0", "device": "model.device=cuda"}
+    procs = {name: subprocess.Popen([sys.executable, "experiments/run.py", override, f"hydra.run.dir={root / name}"],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, override in overrides.items()}
+    return {name: (p.wait(timeout=300), p.communicate()[1]) for name, p in procs.items()}, root / "cache"
+
+
+@pytest.mark.parametrize(("case", "line"), [
+    ("batch_size", "error: dataset.batch_size=0: must be a finite number >= 1"),
+    ("device", "error: model.device='cuda': this machine has no CUDA device; use auto or cpu"),
+])
+def test_cli_exits_2_with_one_line_and_no_traceback(cli, case, line):
+    results, cache = cli
+    code, stderr = results[case]
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [line]
+    assert not (cache / "models").exists()
+
+
+def test_report_on_truncated_results_and_logs(tmp_path, capsys):
+    good, broken = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
+    for job in (good, broken):
+        job.mkdir(parents=True)
+    (good / "results.json").write_text(json.dumps({"method": "grad_ascent", "forget/prob": 0.5}))
+    (broken / "results.json").write_text('{"method": "kfa')  # truncated: listed, not used
+    before = digests(tmp_path)
+    assert report.main([str(tmp_path / "sweep")]) == 0
+    assert "- 1: broken results.json" in capsys.readouterr().out
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "eval_log_forget.json").write_text('{"avg_paraphrased_loss": {"0": 1.')  # truncated
+    assert report.main(["--tofu-logs", str(logs), "--retain-logs", str(logs)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: report.tofu_logs='{logs}': unreadable TOFU eval log")
+    assert intact(before, tmp_path)
+
+
+def test_overlapping_forget_and_retain_splits(inputs, tmp_path):
+    source = tmp_path / "tofu"
+    shutil.copytree(inputs / "tofu", source)
+    forget = (source / "forget10.json").read_text().splitlines()
+    (source / "retain90.json").write_text("\n".join([forget[0], *(source / "retain90.json").read_text().splitlines()]))
+    with pytest.raises(ConfigError, match="1 questions are in both forget10 and retain90") as err:
+        load_tofu(str(source), "forget10")
+    assert err.value.key == "dataset.forget_split"
+
+
+def test_truncated_foreign_and_mismatched_deltas(tmp_path, tokenizer):
+    model = make_tiny_llama(tokenizer)
+    name, param = next(iter(model.named_parameters()))
+    path = tmp_path / "delta.safetensors"
+    save_delta(path, {name: torch.ones_like(param, dtype=torch.float64)}, {"method": "x", "base_fingerprint": "y"})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ConfigError, match="not a safetensors file"):
+        load_delta(truncated)
+    save_file({name: torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ConfigError, match="not an unlearning delta"):
+        load_delta(tmp_path / "foreign.safetensors")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="shape does not match") as err:
+        apply_delta(model, {name: torch.ones(3, 3, dtype=torch.float64)})
+    assert err.value.key == f"delta.{name}"
+    with pytest.raises(ConfigError, match="no parameter of this name"):
+        apply_delta(model, {"lm_head.nope": torch.ones(1)})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # checked before any write
+
+
+def test_tampered_cached_data_and_model_are_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("KFADE_CACHE", str(tmp_path))
+
+    def write(directory, seed):
+        directory.mkdir()
+        (directory / "rows.json").write_text(json.dumps(list(range(seed, seed + 50))))
+
+    data = materialise("toy", write, [], seed=3)
+    original = (data / "rows.json").read_bytes()
+    (data / "rows.json").write_bytes(original[:20])  # truncated
+    with pytest.warns(UserWarning, match="rows.json does not match its checksum"):
+        assert materialise("toy", write, [], seed=3) == data
+    assert (data / "rows.json").read_bytes() == original
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(4)]
+    tokenizer_dir = mini_tokenizer([r["question"] + r["answer"] for r in rows], 270)
+    spec = TinyLlamaSpec(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32)
+    recipe = TrainRecipe(max_epochs=1, batch_size=4, warmup_steps=1)
+    model_dir = trained_tiny_model("toy", tokenizer_dir, rows, [], spec, recipe, progress=False)
+    weights = (model_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").write_bytes(weights[:-64])
+    with pytest.warns(UserWarning, match="cached model .* model.safetensors does not match"):
+        assert trained_tiny_model("toy", tokenizer_dir, rows, [], spec, recipe, progress=False) == model_dir
+    assert (model_dir / "model.safetensors").read_bytes() == weights  # retrained, bit-identical (same seed)
+
+
+def test_non_finite_weights_stop_the_step_and_name_the_layer(tokenizer, tmp_path):
+    model = make_tiny_llama(tokenizer)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method = build_method("kfade", {"solver": "direct", "step_rule": "fixed", "n_steps": 2},
+                          curvature=CurvatureConfig(estimator="identity"), cache_root=tmp_path)
+    with pytest.warns(UserWarning, match="non-finite forget gradient in model.layers.0"):
+        history = method.run(model, qa_data(tokenizer))
+    assert history[-1]["rejected"].startswith("non-finite forget gradient in model.layers.0.")
+    assert all(torch.equal(p, before[n]) or p.isnan().any() for n, p in model.named_parameters())
+    assert all(torch.equal(p.nan_to_num(), before[n].nan_to_num()) for n, p in model.named_parameters())
