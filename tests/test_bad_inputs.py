@@ -6,7 +6,6 @@ before any data is built or model trained (the cache starts cold and holds no mo
 that existed before is intact afterwards.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,19 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import report  # noqa: E402
 import run as entry  # noqa: E402
-from conftest import make_tiny_llama  # noqa: E402
+from conftest import file_digests, make_tiny_llama  # noqa: E402
 from test_unlearn_kfade import qa_data  # noqa: E402
-
-
-def digests(*roots: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``roots``."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def intact(before: dict[str, str], *roots: Path) -> bool:
     """Every file of ``before`` still there with the same bytes (new files are allowed)."""
-    after = digests(*roots)
+    after = file_digests(*roots)
     return all(after.get(path) == digest for path, digest in before.items())
 
 
@@ -122,7 +115,7 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
 
 @pytest.mark.parametrize(("overrides", "key", "value"), CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
 def test_bad_config_is_one_line_naming_key_and_value_before_any_work(inputs, overrides, key, value):
-    before = digests(inputs)
+    before = file_digests(inputs)
     overrides = [o.replace("{root}", str(inputs)) for o in overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -165,7 +158,7 @@ def test_report_on_truncated_results_and_logs(tmp_path, capsys):
         job.mkdir(parents=True)
     (good / "results.json").write_text(json.dumps({"method": "grad_ascent", "forget/prob": 0.5}))
     (broken / "results.json").write_text('{"method": "kfa')  # truncated: listed, not used
-    before = digests(tmp_path)
+    before = file_digests(tmp_path)
     assert report.main([str(tmp_path / "sweep")]) == 0
     assert "- 1: broken results.json" in capsys.readouterr().out
     logs = tmp_path / "logs"
