@@ -238,3 +238,14 @@ def test_non_finite_weights_stop_the_step_and_name_the_layer(tokenizer, tmp_path
     assert history[-1]["rejected"].startswith("non-finite forget gradient in model.layers.0.")
     assert all(torch.equal(p, before[n]) or p.isnan().any() for n, p in model.named_parameters())
     assert all(torch.equal(p.nan_to_num(), before[n].nan_to_num()) for n, p in model.named_parameters())
+
+
+def test_clamped_eigenvalues_are_counted_and_logged(tokenizer, tmp_path, caplog):
+    data = qa_data(tokenizer)
+    data.fit = [{k: v[:1] for k, v in data.fit[0].items()}]  # one sequence: rank-deficient factors, whose
+    # zero eigenvalues come out of eigh as ±rounding error
+    method = build_method("kfade", {"solver": "direct", "step_rule": "fixed", "n_steps": 1},
+                          curvature=CurvatureConfig(estimator="kfac", fisher="empirical"), cache_root=tmp_path)
+    with caplog.at_level("INFO", logger="kfade.curvature.estimators"):
+        history = method.run(make_tiny_llama(tokenizer), data)
+    assert history[0]["zero_eigenvalues"] > 0 and "clamped to 0" in caplog.text

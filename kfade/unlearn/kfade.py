@@ -130,14 +130,17 @@ def evenly_spaced(items: list, count: int | None) -> list:
 class KFade:
     """``run`` fits/loads the curvature, then takes ``n_steps`` uphill steps in place.
 
-    History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0}`` for the start, then per step
+    History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0, "zero_eigenvalues"}`` for the start
+    (``zero_eigenvalues``: entries of Ĝ's Λ at the ≥ 0 clamp — for K-FAC the products with a factor eigenvalue
+    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.estimators``), then per step
     ``step``, ``forget_nll`` (L_f after the step, nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl``
     (measured mean per-token KL from the starting model on ``data.kl_probe``), ``predicted_kl`` (½ΔᵀĜΔ, undamped),
     ``step_norm`` (‖Δ‖₂), ``eta``; with cg ``cg_iters``, ``cg_residual`` (relative), ``cg_stop``, ``cg_lambda``;
     with target_forget ``forget_evals``. Each PCG iteration is also logged as ``{"cg/step", "cg/iteration",
-    "cg/residual"}`` (not in the history). A step whose update or resulting forget loss is not finite is undone
-    (weights restored bit for bit), recorded with ``rejected`` and ends the run. ``timings``: ``fit_s``
-    (curvature fit or cache load), ``unlearn_s`` (steps).
+    "cg/residual"}`` (not in the history). Numerical guard: a step whose forget gradient, CG residual, direction,
+    update or resulting forget loss (logits) is not finite is undone (weights restored bit for bit), recorded with
+    ``rejected`` = ``"non-finite <quantity> in <parameter>; weights rolled back"``, warned about, and ends the run
+    (the earlier steps stand). ``timings``: ``fit_s`` (curvature fit or cache load), ``unlearn_s`` (steps).
     """
 
     uses_curvature = True
@@ -252,7 +255,9 @@ class KFade:
         probe = RetainKLProbe(model, data.kl_probe)
         grads, scores = forget_gradient(model, data.forget, names, self.progress)
         start_prob = scores.prob
-        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0}]
+        zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
+        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0,
+                    "zero_eigenvalues": zeros}]
         emit(history[-1])
         previous = None
         checkpoints = self.checkpoint_dir(model, data) if self.cfg.solver == "cg" and self.cfg.cg_checkpoint else None
