@@ -19,7 +19,7 @@ from kfade.data.wmdp import MCQ_PATTERNS, WMDP_CORPORA, mini_wmdp_dir
 from kfade.errors import ConfigError, require_one_of
 from kfade.eval.config import EvalConfig
 from kfade.eval.lm_eval_adapter import check_tasks
-from kfade.eval.tofu_logs import LOG_FILES
+from kfade.eval.tofu_logs import LOG_FILES, read_tofu_logs
 from kfade.models.config import ModelConfig
 from kfade.models.load import check_source, resolve_device
 from kfade.suites import BUILDERS
@@ -30,7 +30,7 @@ from kfade.suites.tofu import FIT_SETS
 def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> tuple[ModelConfig, list[str]]:
     """The model config with its device and dtype resolved for this machine, and the notices about that."""
     device, dtype, notices = resolve_device(model.device, model.dtype)
-    check_model_paths(model, dataset)
+    check_model_paths(model)
     require_one_of("dataset.name", dataset.name, sorted(BUILDERS))
     directory = local_source(dataset.source)
     if dataset.name == "tofu":
@@ -43,18 +43,16 @@ def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> t
     return dataclasses.replace(model, device=device, dtype=dtype), notices
 
 
-def check_model_paths(model: ModelConfig, dataset: DatasetConfig) -> None:
+def check_model_paths(model: ModelConfig) -> None:
     """``model.path``: a saved model (config.json + tokenizer) or a Hub id; ``model.retrain_path``: that, or a
-    directory of TOFU eval logs; the tiny model's positions must cover ``dataset.max_length``."""
+    directory of readable TOFU eval logs."""
     if model.path is not None:
         check_source(model.path, "model.path")
-    else:
-        limit = model.spec.max_position_embeddings
-        if dataset.max_length > limit:
-            raise ConfigError("dataset.max_length", dataset.max_length,
-                              f"exceeds the tiny model's model.spec.max_position_embeddings ({limit})")
     retrain = model.retrain_path
-    if retrain is None or is_log_dir(retrain):
+    if retrain is None:
+        return
+    if is_log_dir(retrain):
+        read_tofu_logs(retrain, key="model.retrain_path")  # small JSON files: a truncated one fails here
         return
     local = Path(retrain).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
