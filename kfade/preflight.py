@@ -33,12 +33,11 @@ def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> t
     check_model_paths(model)
     require_one_of("dataset.name", dataset.name, sorted(BUILDERS))
     directory = local_source(dataset.source)
-    if dataset.name == "tofu":
-        check_tofu(dataset, directory)
-        task_dir = eval.lm_eval_data_dir
-    else:
-        check_wmdp(dataset, directory)
-        task_dir = eval.lm_eval_data_dir or (str(directory) if directory else str(mini_wmdp_dir()))
+    if dataset.name in DATA_CHECKS:
+        DATA_CHECKS[dataset.name](dataset, directory)
+    task_dir = eval.lm_eval_data_dir
+    if task_dir is None and dataset.name == "wmdp":  # the suite scores the source's own question files
+        task_dir = str(directory or mini_wmdp_dir())
     check_tasks(eval.lm_eval_tasks, task_dir)
     return dataclasses.replace(model, device=device, dtype=dtype), notices
 
@@ -106,3 +105,6 @@ def check_wmdp(dataset: DatasetConfig, directory: Path | None) -> None:
             require_split_file(directory, name, f"dataset.{key}", names if names is not None else default)
     if not any(directory.glob(pattern) for pattern in MCQ_PATTERNS):
         raise ConfigError("dataset.source", dataset.source, f"no multiple-choice files ({', '.join(MCQ_PATTERNS)})")
+
+
+DATA_CHECKS = {"tofu": check_tofu, "wmdp": check_wmdp}  # per benchmark (dataset.name)

@@ -114,6 +114,16 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
 ]
 
 
+@pytest.mark.parametrize("overrides", [[], ["experiment=mini_wmdp"], ["experiment=mini_tofu_reapply"],
+                                       ["dataset.source={root}/tofu", "method=grad_ascent", "model.device=cpu"]])
+def test_good_configs_pass_the_same_checks(inputs, overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[o.replace("{root}", str(inputs)) for o in overrides])
+    checked = entry.validated(cfg)  # not a wall that stops everything: the shipped experiments pass
+    assert checked.model.device in ("cpu", "cuda") and checked.method is not None
+    assert not (inputs / "cache" / "models").exists()
+
+
 @pytest.mark.parametrize(("overrides", "key", "value"), CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
 def test_bad_config_is_one_line_naming_key_and_value_before_any_work(inputs, overrides, key, value):
     before = file_digests(inputs)
