@@ -32,7 +32,7 @@ from kfade.errors import ConfigError
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.preflight import check_run
 from kfade.suites import build_suite
-from kfade.tracking import make_tracker, write_results
+from kfade.tracking import make_tracker, require_unfinished, write_results
 from kfade.unlearn import METHODS, apply_delta, build_method, compute_delta, save_delta
 
 
@@ -111,6 +111,7 @@ def validated(cfg: DictConfig) -> Checked:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     checked = validated(cfg)  # every config checked before any work
+    require_unfinished(run_dir)
     model_cfg, dataset_cfg, logger_cfg, method = checked.model, checked.dataset, checked.logger, checked.method
     cfg.progress, noise_floor = checked.options.progress, checked.options.noise_floor
     method_name = cfg.method.name

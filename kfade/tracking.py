@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfade.cache import write_json
-from kfade.errors import require_one_of
+from kfade.errors import ConfigError, require_one_of
 
 RESULTS_FILE = "results.json"
 TRACKER_KINDS = ("wandb", "none")
@@ -123,6 +123,13 @@ def write_results(run_dir: str | os.PathLike, results: Mapping) -> Path:
     path = Path(run_dir) / RESULTS_FILE
     write_json(path, {key: _strict_json(value) for key, value in flatten(results).items()})
     return path
+
+
+def require_unfinished(run_dir: str | os.PathLike) -> None:
+    """ConfigError if ``run_dir`` already holds a finished run's results: a run never overwrites another's."""
+    if (Path(run_dir) / RESULTS_FILE).exists():
+        raise ConfigError("run_dir", str(run_dir), f"holds a finished run ({RESULTS_FILE}); nothing is overwritten: "
+                                                   "choose another hydra.run.dir / hydra.sweep.dir")
 
 
 def _strict_json(value):

@@ -149,6 +149,16 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "cache" / "models").exists()
 
 
+def test_a_finished_run_dir_is_never_overwritten(inputs, tmp_path):
+    (tmp_path / "results.json").write_text('{"method": "kfade"}\n')
+    before = file_digests(tmp_path)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=none", "logger=none"])
+    with pytest.raises(ConfigError, match="holds a finished run") as err:
+        entry.run(cfg, tmp_path)
+    assert err.value.key == "run_dir" and file_digests(tmp_path) == before
+
+
 def test_report_on_truncated_results_and_logs(tmp_path, capsys):
     good, broken = tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"
     for job in (good, broken):
