@@ -101,8 +101,8 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
 
     Stops after ``max_iters`` iterations or once the relative residual is ≤ ``tol``; ``x0`` warm-starts (e.g.
     the previous step's solution). ``callback(iteration, relative residual)`` is called after each iteration.
-    ``checkpoint``: resumable state file (module docstring); ``key`` names everything besides ``b`` that the
-    solve depends on (operator, preconditioner, λ, x₀), so that a checkpoint is only resumed by the same solve.
+    ``checkpoint``: resumable state file (module docstring); ``key`` names what else the solve depends on (the
+    operator and preconditioner; b, λ, tol and x₀ are added), so that only the same solve resumes a checkpoint.
     """
     def apply(v: Vector) -> Vector:
         gv = matvec(v)
@@ -111,9 +111,10 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
     b_norm = math.sqrt(dot(b, b))
     if b_norm == 0:
         return CGResult({n: torch.zeros_like(t) for n, t in b.items()}, 0, [0.0], "converged")
-    path = None if checkpoint is None else Path(checkpoint)
-    key = f"{key}:{damping!r}:{tol!r}:{digest(b)}"
-    resumed = None if path is None else load_state(path, key, b)
+    path, resumed = None if checkpoint is None else Path(checkpoint), None
+    if path is not None:
+        key = f"{key}:{damping!r}:{tol!r}:{digest(b)}:{'' if x0 is None else digest(x0)}"
+        resumed = load_state(path, key, b)
     if resumed is not None:
         state, rz, result, done = resumed
         if result.iterations >= max_iters or (done and result.stop_reason != "max_iters"):
