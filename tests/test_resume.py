@@ -112,12 +112,10 @@ def test_a_killed_run_leaves_no_results_and_the_report_lists_it_incomplete(tmp_p
     proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run.py"), "logger=none", "progress=false",
                              f"hydra.run.dir={killed}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    for line in proc.stdout:  # the header comes once every config is checked, right before the work starts
-        if line.startswith("dir: "):
-            break
+    started = any(line.startswith("dir: ") for line in proc.stdout)  # the header: configs checked, work starts
     time.sleep(1.0)  # into data building / model training
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    assert started and proc.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished or failed
     assert (killed / ".hydra" / "config.yaml").is_file()
     assert not (killed / "results.json").exists() and not (killed / "delta.safetensors").exists()
     assert report.main([str(sweep)]) == 0
