@@ -23,16 +23,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from run_names import run_name
-from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed
+from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, RunOptions, typed
 
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
-from kfade.models.load import resolve_device
 from kfade.models.train import TrainRecipe, train_causal_lm
+from kfade.preflight import check_run
 from kfade.suites import build_suite
-from kfade.tracking import make_tracker, write_results
+from kfade.tracking import make_tracker, require_unfinished, write_results
 from kfade.unlearn import METHODS, apply_delta, build_method, compute_delta, save_delta
 
 
@@ -79,19 +79,44 @@ def header(cfg: DictConfig, model_cfg: ModelConfig, dataset_cfg: DatasetConfig, 
     return "run: " + " · ".join(parts) + f"\ndir: {run_dir}"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+@dataclasses.dataclass
+class Checked:
+    """A run's configs, typed, range-checked and checked against the machine and the disk (:func:`validated`)."""
+
+    model: ModelConfig  # device and dtype resolved for this machine
+    dataset: DatasetConfig
+    eval: EvalConfig
+    logger: LoggerConfig
+    options: RunOptions  # progress resolved: bars only where a person watches them (stderr is a terminal)
+    method: object | None  # the configured method; None for method=none
+    notices: list[str]  # what was resolved differently from what was asked (e.g. device=auto → cpu)
+
+
+def validated(cfg: DictConfig) -> Checked:
+    """Every config of the run typed and validated, then checked against the machine and the disk
+    (``kfade.preflight``) — before any data is built or model loaded. The first problem raises ConfigError."""
+    options = typed(OmegaConf.masked_copy(cfg, [f.name for f in dataclasses.fields(RunOptions)]), RunOptions, "")
+    options.progress = options.progress and sys.stderr.isatty()
     model_cfg = typed(cfg.model, ModelConfig, "model")
-    device, dtype, notices = resolve_device(model_cfg.device, model_cfg.dtype)
-    model_cfg = dataclasses.replace(model_cfg, device=device, dtype=dtype)
     dataset_cfg = typed(cfg.dataset, DatasetConfig, "dataset")
     eval_cfg = typed(cfg.eval, EvalConfig, "eval")
     logger_cfg = typed(cfg.logger, LoggerConfig, "logger")
     method_name = cfg.method.name
     if method_name != "none" and method_name not in METHODS:
         raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
-    method = None if method_name == "none" else configured_method(cfg)  # every config checked before any work
+    method = None if method_name == "none" else configured_method(cfg, options.progress)
+    model_cfg, notices = check_run(model_cfg, dataset_cfg, eval_cfg)  # devices, paths, names, lm-eval tasks
+    return Checked(model_cfg, dataset_cfg, eval_cfg, logger_cfg, options, method, notices)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    checked = validated(cfg)  # every config checked before any work
+    require_unfinished(run_dir)
+    model_cfg, dataset_cfg, logger_cfg, method = checked.model, checked.dataset, checked.logger, checked.method
+    cfg.progress, noise_floor = checked.options.progress, checked.options.noise_floor
+    method_name = cfg.method.name
     print(header(cfg, model_cfg, dataset_cfg, run_dir), flush=True)
-    for notice in notices:  # stdout, with the header: stderr stays one line for errors
+    for notice in checked.notices:  # stdout, with the header: stderr stays one line for errors
         print(f"note: {notice}", flush=True)
 
     group = logger_cfg.group
@@ -102,9 +127,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                            name=run_name(HydraConfig.get().overrides.task).lstrip("-") or None)
     with tracker:
         t0 = time.perf_counter()
-        suite, results = build_suite(model_cfg, dataset_cfg, eval_cfg, cfg.noise_floor, cfg.progress)
+        suite, results = build_suite(model_cfg, dataset_cfg, checked.eval, noise_floor, cfg.progress)
         results["time/prepare_s"] = time.perf_counter() - t0
-        rows = ["reference", "retrain"] + (["noise_floor"] if cfg.noise_floor else [])
+        rows = ["reference", "retrain"] + (["noise_floor"] if noise_floor else [])
         results["method"] = method_name
         if method is not None:
             results |= unlearn(cfg, method, suite, run_dir, tracker)
@@ -118,12 +143,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def configured_method(cfg: DictConfig):
+def configured_method(cfg: DictConfig, progress: bool):
     """The method of ``cfg.method`` with its validated config (and the curvature config, for K-FADE)."""
     method_cfg = typed(cfg.method, METHODS[cfg.method.name][0], "method")
     curvature = typed(cfg.curvature, CurvatureConfig, "curvature")  # damping/ lands in curvature too
     return build_method(cfg.method.name, method_cfg, curvature=curvature, cache_root=str(cache_dir() / "curvature"),
-                        progress=cfg.progress)
+                        progress=progress)
 
 
 def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
@@ -134,14 +159,14 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
     timings = getattr(method, "timings", {})
-    delta_path = run_dir / "delta.safetensors"
     delta = compute_delta(before, model)
-    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
-    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     metrics, record = suite.score(model)
-    suite.save_record(record, run_dir)
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
+    suite.save_record(record, run_dir)  # outputs at the end, each atomic; results.json (written last) marks done
+    delta_path = run_dir / "delta.safetensors"
+    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
+    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     curvature = method.curvature_cfg if getattr(method, "uses_curvature", False) else None
     return {**metrics, **hyperparameters(method.cfg, curvature, cfg.dataset.fit_sets),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
@@ -166,7 +191,6 @@ def main(cfg: DictConfig) -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    cfg.progress = bool(cfg.progress) and sys.stderr.isatty()  # bars only where a person watches them
     try:
         run(cfg, run_dir)
     except ConfigError as err:

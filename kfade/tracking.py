@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfade.cache import write_json
-from kfade.errors import ConfigError
+from kfade.errors import ConfigError, require_one_of
 
 RESULTS_FILE = "results.json"
 TRACKER_KINDS = ("wandb", "none")
@@ -32,6 +32,10 @@ class LoggerConfig:
     entity: str | None = None  # W&B team or user; None: the account's default
     group: str | None = None  # W&B run group, e.g. one per sweep; None: ungrouped
     tags: list[str] = field(default_factory=list)  # W&B run tags
+
+    def validate(self) -> None:
+        require_one_of("logger.kind", self.kind, TRACKER_KINDS)
+        require_one_of("logger.mode", self.mode, WANDB_MODES)
 
 
 class NullTracker:
@@ -94,12 +98,10 @@ def make_tracker(kind: str, run_dir: str | os.PathLike, config: Mapping, project
                  entity: str | None = None, group: str | None = None, tags: Sequence[str] = (),
                  mode: str = "offline", name: str | None = None) -> NullTracker:
     """The tracker of ``kind`` ("wandb" or "none"); ``config`` is the run's resolved config (a plain dict)."""
-    if kind not in TRACKER_KINDS:
-        raise ConfigError("logger.kind", kind, f"expected one of {', '.join(TRACKER_KINDS)}")
+    require_one_of("logger.kind", kind, TRACKER_KINDS)
     if kind == "none":
         return NullTracker()
-    if mode not in WANDB_MODES:
-        raise ConfigError("logger.mode", mode, f"expected one of {', '.join(WANDB_MODES)}")
+    require_one_of("logger.mode", mode, WANDB_MODES)
     return WandbTracker(run_dir, config, project, entity, group, tags, mode, name)
 
 
@@ -121,6 +123,13 @@ def write_results(run_dir: str | os.PathLike, results: Mapping) -> Path:
     path = Path(run_dir) / RESULTS_FILE
     write_json(path, {key: _strict_json(value) for key, value in flatten(results).items()})
     return path
+
+
+def require_unfinished(run_dir: str | os.PathLike) -> None:
+    """ConfigError if ``run_dir`` already holds a finished run's results: a run never overwrites another's."""
+    if (Path(run_dir) / RESULTS_FILE).exists():
+        raise ConfigError("run_dir", str(run_dir), f"holds a finished run ({RESULTS_FILE}); nothing is overwritten: "
+                                                   "choose another hydra.run.dir / hydra.sweep.dir")
 
 
 def _strict_json(value):

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny tokenizer and tiny random Llama models (seconds to build, CPU)."""
 
+import hashlib
 import os
+from pathlib import Path
 
 # Tests are hermetic: nothing reaches a model or dataset hub (without this, `datasets` can stall on a network
 # look-up for local files on machines that have no hub access). Set before huggingface_hub is imported.
@@ -38,3 +40,9 @@ def make_tiny_llama(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) 
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_llama(tokenizer)
+
+
+def file_digests(*roots: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``roots`` (to show that a run left its inputs untouched)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()
+            for p in sorted(root.rglob("*")) if p.is_file()}

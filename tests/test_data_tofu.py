@@ -113,7 +113,7 @@ def test_hub_id_is_a_thin_load_dataset_call(monkeypatch, small_splits):
         calls.append((path, name, split))
         return datasets.Dataset.from_list(small_splits[name])
 
-    monkeypatch.setattr(tofu.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     data = load_tofu(tofu.TOFU_HUB_ID, "forget10")
     assert data.source == "locuslab/TOFU" and data.forget == small_splits["forget10"]
     assert calls[0] == ("locuslab/TOFU", "forget10", "train")

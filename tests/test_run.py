@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import file_digests
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -120,6 +121,26 @@ def test_header_first_and_the_reapply_rows_in_the_table(cache, tmp_path, capsys)
     assert first.startswith("run: model=tiny_llama (tiny, trained here, ") and "method=kfade (solver=direct" in first
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")][1:]
     assert rows == ["| reference", "| retrain", "| unlearned", "| reapply/finetuned", "| reapply/finetuned+delta"]
+
+
+def test_runs_never_write_the_source_model_or_the_cached_models(cache, tmp_path, monkeypatch):
+    run_in_process(tmp_path / "a", "method=none")  # the tiny pair, trained once into the cache
+    models = cache / "models"
+    reference = next(p for p in models.iterdir() if "-reference-" in p.name)
+    retrain = next(p for p in models.iterdir() if "-retrain-" in p.name)
+    before = file_digests(models)
+    given = [f"model.path={reference}", f"model.retrain_path={retrain}", "method=grad_ascent", "method.epochs=1"]
+    run_in_process(tmp_path / "b", *given)  # the cached reference as a user's source model
+    assert (tmp_path / "b" / "results.json").is_file() and file_digests(models) == before
+
+    def fail(*_):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(entry, "unlearn", fail)  # a run that dies after its models are loaded
+    with pytest.raises(RuntimeError):
+        run_in_process(tmp_path / "c", *given)
+    assert file_digests(models) == before
+    assert not (tmp_path / "c" / "results.json").exists() and not (tmp_path / "c" / "delta.safetensors").exists()
 
 
 SMALL_GENERAL = GeneralText("python_docs", train=[

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kfade.errors import ConfigError
+from kfade.errors import ConfigError, require_range
 
 ESTIMATORS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("mc", "empirical", "exact")
@@ -40,8 +40,7 @@ class CurvatureConfig:
             raise ConfigError("curvature.fisher", self.fisher, f"must be one of {', '.join(FISHER_TYPES)}")
         if int(self.mc_samples) < 1:
             raise ConfigError("curvature.mc_samples", self.mc_samples, "must be ≥ 1")
-        if not float(self.damping) >= 0:
-            raise ConfigError("curvature.damping", self.damping, "must be ≥ 0")
+        require_range("curvature.damping", self.damping, 0)
         if self.damping_mode not in DAMPING_MODES:
             raise ConfigError("curvature.damping_mode", self.damping_mode,
                               f"must be one of {', '.join(DAMPING_MODES)}")

@@ -8,6 +8,7 @@ gradient of W̄ — the same normalisation for every estimator.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -103,6 +104,10 @@ def eigh(matrix: torch.Tensor, name: str, dtype: torch.dtype) -> tuple[torch.Ten
     if not torch.isfinite(m).all():
         raise ConfigError("model", name, "curvature factor has non-finite entries (NaN/inf weights or inputs?)")
     vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    clamped = int((vals < 0).sum())
+    if clamped:  # rounding makes PSD factors' smallest eigenvalues slightly negative
+        logging.getLogger(__name__).info("%s: %d of %d eigenvalues < 0 (min %.3g) clamped to 0", name, clamped,
+                                         vals.numel(), float(vals.min()))
     return vals.clamp_min(0).to(dtype), vecs.to(dtype).contiguous()
 
 

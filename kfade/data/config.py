@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kfade.errors import ConfigError, require_range
+
 
 @dataclass
 class DatasetConfig:
@@ -16,3 +18,16 @@ class DatasetConfig:
     retain_corpora: list[str] | None = None  # WMDP: retain corpus file stems (None: the source's defaults)
     batch_size: int = 16  # sequences per batch for fitting, unlearning and scoring
     max_length: int = 256  # tokens per sequence (longer ones are truncated)
+
+    def validate(self) -> None:
+        """Types and ranges (names against what exists: ``kfade.preflight``); ConfigError names the field."""
+        require_range("dataset.batch_size", self.batch_size, 1)
+        require_range("dataset.max_length", self.max_length, 2)  # a prompt token and a predicted token at least
+        for key in ("name", "source", "forget_split"):
+            if not str(getattr(self, key)).strip():
+                raise ConfigError(f"dataset.{key}", getattr(self, key), "must not be empty")
+        if not self.fit_sets:
+            raise ConfigError("dataset.fit_sets", self.fit_sets, "needs at least one set")
+        for key in ("forget_corpora", "retain_corpora"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ConfigError(f"dataset.{key}", getattr(self, key), "needs at least one corpus name, or null")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 
-from kfade.cache import atomic_path, cache_dir, fingerprint
+from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal
 from kfade.errors import ConfigError
 
 LAYOUTS = ("{name}.json", "{name}.jsonl", "{name}.parquet", "{name}.txt", "{name}/train-*.parquet",
@@ -59,13 +59,23 @@ def read_split(directory: Path, name: str, key: str, value) -> list[dict]:
                                       f"(layouts: {', '.join(LAYOUTS)})")
     if all(f.stat().st_size == 0 for f in files):
         return []  # datasets refuses empty files; an empty split is the caller's to judge
+    return _rows(lambda: datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                                               split="train"), f"split {name!r} from {files[0]}", key, value)
+
+
+def read_hub_split(hub_id: str, name: str, key: str, value) -> list[dict]:
+    """Rows of config ``name`` of the Hub dataset ``hub_id`` (offline: from the local cache only)."""
+    return _rows(lambda: datasets.load_dataset(hub_id, name, split="train"), f"config {name!r} of {hub_id}", key,
+                 value)
+
+
+def _rows(load: Callable[[], datasets.Dataset], what: str, key: str, value) -> list[dict]:
+    """``load()``'s rows; any failure → ConfigError (datasets raises many types: unreadable file, no network)."""
     try:
-        dataset = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
-                                        split="train")
-    except Exception as err:  # datasets raises many types for unreadable files: report them all alike
-        raise ConfigError(key, value, f"cannot read split {name!r} from {files[0]}: "
-                                    f"{type(err).__name__}: {' '.join(str(err).split())}") from err
-    return dataset.to_list()
+        return load().to_list()
+    except Exception as err:
+        raise ConfigError(key, value, f"cannot read {what}: {type(err).__name__}: "
+                                      f"{' '.join(str(err).split())[:300]}") from None
 
 
 def require_fields(rows: list[dict], fields: tuple[str, ...], split: str, key: str, value) -> None:
@@ -81,7 +91,8 @@ def materialise(prefix: str, write: Callable[[Path, int], object], inputs: list[
     """``cache_dir()/data/<prefix>-<fingerprint of the inputs' bytes and seed>``, written atomically once."""
     digests = [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]
     path = cache_dir() / "data" / f"{prefix}-{fingerprint({'inputs': digests, 'seed': seed})}"
-    if not path.is_dir():
+    if not cached(path, "data"):
         with atomic_path(path) as tmp:
             write(tmp, seed)
+            seal(tmp)
     return path

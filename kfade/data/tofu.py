@@ -20,10 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
 from kfade.data import mini_tofu
-from kfade.data.files import materialise, read_split, require_fields, resolve_source
+from kfade.data.files import materialise, read_hub_split, read_split, require_fields, resolve_source
 from kfade.errors import ConfigError
 
 TOFU_HUB_ID = "locuslab/TOFU"
@@ -64,7 +62,7 @@ def _load(resolved: Path | str, name: str, key: str, value) -> list[dict]:
     if isinstance(resolved, Path):
         rows = read_split(resolved, name, key, value)
     else:
-        rows = datasets.load_dataset(resolved, name, split="train").to_list()
+        rows = read_hub_split(resolved, name, key, value)
     require_fields(rows, _fields(name), name, key, value)
     return rows
 

@@ -30,7 +30,7 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from kfade.cache import atomic_path
-from kfade.errors import ConfigError
+from kfade.errors import ConfigError, require_range
 from kfade.eval.modes import evaluating
 
 KFADE_TASKS_DIR = Path(__file__).with_name("tasks")
@@ -46,6 +46,14 @@ class LmEvalConfig:
     lm_eval_data_dir: str | None = None  # dir of <task>.jsonl question files; None: the tasks' own datasets
     lm_eval_limit: int | None = None  # questions scored per task; None: all
     lm_eval_batch_size: int = 16  # sequences per forward pass
+
+    def validate(self) -> None:
+        """Ranges and duplicate names (task names are checked against lm-eval by :func:`check_tasks`)."""
+        require_range("eval.lm_eval_limit", self.lm_eval_limit, 1, optional=True)
+        require_range("eval.lm_eval_batch_size", self.lm_eval_batch_size, 1)
+        for name in self.lm_eval_tasks:
+            if not name.strip() or self.lm_eval_tasks.count(name) > 1:
+                raise ConfigError(TASKS_KEY, name, "empty or repeated task name")
 
 
 def evaluate_lm_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, batch_size: int = 16,
@@ -76,31 +84,40 @@ def _flat_metrics(results: dict, tasks: list[str]) -> dict[str, float]:
     return flat
 
 
-def _task_manager(tasks: list[str], data_dir: str | None, include_path: str | None,
-                  generated: Path) -> TaskManager:
-    """A TaskManager knowing every task in ``tasks`` (else ``ConfigError``), reading local files if asked."""
-    user_paths = [Path(include_path)] if include_path else []
-    if data_dir is None:
-        manager = TaskManager(include_path=user_paths) if user_paths else _builtin_task_manager()
-        for name in tasks:
-            if name in _kfade_index():
-                raise ConfigError(DATA_DIR_KEY, None, f"task {name!r} reads <data_dir>/{name}.jsonl: set it")
-            if name not in manager.task_index:
-                raise _unknown(name)
-        return manager
-    data_dir = Path(data_dir).expanduser().resolve()
-    if not data_dir.is_dir():
-        raise ConfigError(DATA_DIR_KEY, str(data_dir), "not a directory")
-    user_index = TaskIndex.build(user_paths)  # wins over kfade's tasks, which win over built-in ones
+def check_tasks(tasks: list[str], data_dir: str | None = None, include_path: str | None = None) -> dict[str, Entry]:
+    """Each task's index entry; ``ConfigError`` for an unknown name, a kfade task without ``data_dir``, or a
+    missing ``data_dir`` / ``<data_dir>/<task>.jsonl``. Reads no data: runs before any model is built. lm-eval's
+    built-in index (~10 s, once per process) is consulted only for names ``include_path`` and kfade's tasks lack."""
+    user_index = TaskIndex.build([Path(include_path)]) if include_path else {}
+    directory = None if data_dir is None else Path(data_dir).expanduser().resolve()
+    if directory is not None and not directory.is_dir():
+        raise ConfigError(DATA_DIR_KEY, str(directory), "not a directory")
+    entries = {}
     for name in tasks:
+        if directory is None and name in _kfade_index():
+            raise ConfigError(DATA_DIR_KEY, None, f"task {name!r} reads <data_dir>/{name}.jsonl: set it")
         entry = user_index.get(name) or _kfade_index().get(name) or _builtin_index().get(name)
         if entry is None:
             raise _unknown(name)
-        template = _template(name, entry, user_index)
-        data_file = data_dir / f"{name}.jsonl"
-        if not data_file.is_file():
-            raise ConfigError(DATA_DIR_KEY, str(data_dir), f"no file {data_file.name} (task {name!r})")
-        _write_local_task(generated / f"{name}.yaml", name, template, data_file)
+        if directory is not None and not (directory / f"{name}.jsonl").is_file():
+            raise ConfigError(DATA_DIR_KEY, str(directory), f"no file {name}.jsonl (task {name!r})")
+        entries[name] = entry
+    return entries
+
+
+def _task_manager(tasks: list[str], data_dir: str | None, include_path: str | None,
+                  generated: Path) -> TaskManager:
+    """A TaskManager knowing every task in ``tasks`` (checked by :func:`check_tasks`), reading local files if
+    ``data_dir`` is given."""
+    entries = check_tasks(tasks, data_dir, include_path)
+    user_paths = [Path(include_path)] if include_path else []
+    if data_dir is None:
+        return TaskManager(include_path=user_paths) if user_paths else _builtin_task_manager()
+    user_index = TaskIndex.build(user_paths)  # wins over kfade's tasks, which win over built-in ones
+    directory = Path(data_dir).expanduser().resolve()
+    for name, entry in entries.items():
+        _write_local_task(generated / f"{name}.yaml", name, _template(name, entry, user_index),
+                          directory / f"{name}.jsonl")
     return TaskManager(include_path=[*user_paths, generated], include_defaults=False)
 
 

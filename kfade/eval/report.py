@@ -2,8 +2,9 @@
 
 A job is a directory holding ``results.json`` (flat keys, written by ``kfade.tracking.write_results``). Jobs
 that broke are skipped and listed: a ``results.json`` that is not a JSON object, or a Hydra job directory
-(one with ``.hydra/``) without ``results.json`` (interrupted). The retrain and reference models appear once
-each as rows of their own, taken from the ``retrain/…`` and ``reference/…`` keys the jobs carry.
+(one with ``.hydra/``) without ``results.json`` (incomplete: a run writes it last, atomically). The retrain and
+reference models appear once each as rows of their own, taken from the ``retrain/…`` and ``reference/…`` keys
+the jobs carry.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def collect_results(sweep_dir: str | os.PathLike) -> SweepResults:
             sweep.skipped.append((job, f"broken {RESULTS_FILE}: {str(err).splitlines()[0]}"))
     for hydra_dir in sorted(root.rglob(".hydra"), key=_natural_key):
         if not (hydra_dir.parent / RESULTS_FILE).exists():
-            sweep.skipped.append((str(hydra_dir.parent.relative_to(root)), f"interrupted: no {RESULTS_FILE}"))
+            sweep.skipped.append((str(hydra_dir.parent.relative_to(root)),
+                                  f"incomplete: no {RESULTS_FILE} (killed, failed or still running)"))
     if not sweep.rows:
         raise ConfigError("report.dir", str(root), f"no readable {RESULTS_FILE} under it "
                                                    f"({len(sweep.skipped)} broken jobs)")
@@ -135,7 +137,7 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
     columns = table_columns(sweep.rows)
     markdown = markdown_table(sweep.rows, varying_columns(sweep.rows, columns))  # the CSV keeps every column
     if sweep.skipped:
-        markdown += f"\nSkipped {len(sweep.skipped)} broken job(s):\n"
+        markdown += f"\nSkipped {len(sweep.skipped)} broken or incomplete job(s):\n"
         markdown += "".join(f"- {job}: {reason}\n" for job, reason in sweep.skipped)
     matched = matched_rows(sweep.rows, exclude_methods=REFERENCE_METHODS)
     outputs = {"report.md": markdown, "report.csv": csv_table(sweep.rows, columns),

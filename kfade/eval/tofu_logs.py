@@ -61,7 +61,10 @@ def write_tofu_logs(logs: dict[str, dict], directory: str | os.PathLike) -> None
 def read_tofu_logs(directory: str | os.PathLike, key: str = "eval.retain_logs") -> dict[str, dict]:
     """Read the TOFU eval-log files present in ``directory`` (``key``: the config key named in errors)."""
     paths = {name: Path(directory) / file for name, file in LOG_FILES.items()}
-    logs = {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
+    try:
+        logs = {name: json.loads(path.read_text()) for name, path in paths.items() if path.is_file()}
+    except (ValueError, UnicodeDecodeError) as e:  # a truncated or foreign file
+        raise ConfigError(key, str(directory), f"unreadable TOFU eval log ({' '.join(str(e).split())})") from None
     if not logs:
         expected = ", ".join(LOG_FILES.values())
         raise ConfigError(key, str(directory), f"no TOFU eval logs there (expected {expected})")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kfade.models.tiny import TinyLlamaSpec
+from kfade.errors import ConfigError, require_one_of, require_range
+from kfade.models.load import DTYPES
+from kfade.models.tiny import SPECIAL_TOKENS, TinyLlamaSpec
 from kfade.models.train import TrainRecipe
 
 
@@ -20,3 +22,24 @@ class ModelConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)  # tiny model only: reference and retrain share it
     pretrain: TrainRecipe | None = None  # tiny model only: first pretrain a base on dataset.general, which
     #                                      `recipe` then finetunes into the reference and retrain models
+
+    def validate(self) -> None:
+        """Types and ranges of every field (the device against the machine: ``kfade.preflight``)."""
+        require_one_of("model.dtype", self.dtype, sorted(DTYPES))
+        for key in ("path", "retrain_path"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ConfigError(f"model.{key}", getattr(self, key), "must be a path, a Hub id or null")
+        require_range("model.vocab_size", self.vocab_size, 256 + len(SPECIAL_TOKENS))  # byte alphabet + specials
+        spec = self.spec
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            require_range(f"model.spec.{key}", getattr(spec, key), 1)
+        if spec.hidden_size % spec.num_attention_heads:
+            raise ConfigError("model.spec.num_attention_heads", spec.num_attention_heads,
+                              f"must divide model.spec.hidden_size ({spec.hidden_size})")
+        if spec.num_attention_heads % spec.num_key_value_heads:
+            raise ConfigError("model.spec.num_key_value_heads", spec.num_key_value_heads,
+                              f"must divide model.spec.num_attention_heads ({spec.num_attention_heads})")
+        self.recipe.validate()
+        if self.pretrain is not None:
+            self.pretrain.validate("model.pretrain")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfade.errors import ConfigError
@@ -63,6 +64,9 @@ def check_source(path: str, key: str = "model.path") -> None:
             raise ConfigError(key, path, "model directory has no tokenizer (tokenizer.json / tokenizer_config.json)")
     elif path.startswith((".", "/", "~")) or not HUB_ID.match(path):
         raise ConfigError(key, path, "no such local path, and not a Hub id of the form org/name")
+    elif constants.HF_HUB_OFFLINE and not isinstance(
+            try_to_load_from_cache(path, "config.json"), str):
+        raise ConfigError(key, path, "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
 
 
 def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path"):
@@ -70,8 +74,11 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str 
     tokenizer gets a pad token (EOS) if it has none."""
     check_source(path, key)
     device, dtype, _ = resolve_device(device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    except OSError as e:  # a Hub id that does not exist or cannot be reached, an unreadable weights file
+        raise ConfigError(key, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
     return model, tokenizer

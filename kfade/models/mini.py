@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
+from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal, write_json
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
 from kfade.models.train import TrainRecipe, train_causal_lm
@@ -24,16 +24,18 @@ from kfade.models.train import TrainRecipe, train_causal_lm
 def mini_tokenizer(texts: Sequence[str], vocab_size: int) -> Path:
     """Directory of a BPE tokenizer trained on ``texts`` (cached; the same texts give the same tokenizer)."""
     path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{fingerprint(list(texts))}"
-    if not (path / "tokenizer.json").is_file():
+    if not cached(path, "tokenizer"):
         with atomic_path(path) as tmp:
             train_tokenizer(texts, vocab_size).save_pretrained(tmp)
+            seal(tmp)
     return path
 
 
 def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], texts: Sequence[str],
                        spec: TinyLlamaSpec, recipe: TrainRecipe, progress: bool = True,
                        init_from: Path | None = None) -> Path:
-    """Directory of a tiny Llama trained on ``qa_rows`` (answer-token loss) and ``texts`` (all tokens); cached.
+    """Directory of a tiny Llama trained on ``qa_rows`` (answer-token loss) and ``texts`` (all tokens); cached
+    with checksums (a damaged copy is retrained, with a warning).
 
     Training starts from random weights, or from the cached model ``init_from`` (finetuning a pretrained base).
     ``train_stats.json`` beside the weights records epochs, final loss and label-token accuracy.
@@ -43,7 +45,7 @@ def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], t
     if init_from is not None:
         key["init_from"] = init_from.name  # cache names end in the base model's own fingerprint
     path = cache_dir() / "models" / f"{tag}-{fingerprint(key)}"
-    if (path / "train_stats.json").is_file():
+    if cached(path, "model"):
         return path
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     formatter = QAFormatter(tokenizer)
@@ -59,6 +61,7 @@ def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], t
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_stats.json", {"tag": tag, **dataclasses.asdict(stats)})
+        seal(tmp)
     return path
 
 

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kfade.data.formatting import collate
-from kfade.errors import ConfigError
+from kfade.errors import require_range
 
 
 @dataclass
@@ -27,14 +27,15 @@ class TrainRecipe:
     target_accuracy: float = 0.99  # stop when an epoch's label-token argmax accuracy reaches this (memorised)
     seed: int = 0  # init and shuffling seed
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "model.recipe") -> None:
+        """Raise ``ConfigError`` naming ``<prefix>.<field>`` for the first field out of range."""
         for key in ("max_epochs", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.recipe.{key}", getattr(self, key), "must be > 0")
-        if not self.lr > 0:
-            raise ConfigError("model.recipe.lr", self.lr, "must be > 0")
-        if not 0 < self.target_accuracy <= 1:
-            raise ConfigError("model.recipe.target_accuracy", self.target_accuracy, "must be in (0, 1]")
+            require_range(f"{prefix}.{key}", getattr(self, key), 1)
+        for key in ("warmup_steps", "weight_decay"):
+            require_range(f"{prefix}.{key}", getattr(self, key), 0)
+        for key in ("lr", "max_grad_norm"):
+            require_range(f"{prefix}.{key}", getattr(self, key), 0, open_low=True)
+        require_range(f"{prefix}.target_accuracy", self.target_accuracy, 0, 1, open_low=True)
 
 
 @dataclass

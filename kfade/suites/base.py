@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kfade.cache import atomic_path, cache_dir, fingerprint, write_json
+from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal, write_json
 from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import QAFormatter
@@ -88,7 +88,7 @@ class Suite:
         key = fingerprint({"models": [model_fingerprint(m) for m in (self.reference, *self.retrains)],
                            **self.cache_key()})
         path = cache_dir() / "evals" / f"{self.name}-{key}"
-        if (path / "scores.json").is_file():
+        if cached(path, "baseline scores"):
             self.load_state(path)
             return json.loads((path / "scores.json").read_text())
         jobs = list(zip(("retrain", "noise_floor"), self.retrains, retrain_paths, strict=False))
@@ -104,4 +104,5 @@ class Suite:
             tmp.mkdir()
             write_json(tmp / "scores.json", scores)
             self.save_state(tmp)
+            seal(tmp)
         return scores

@@ -8,14 +8,13 @@ history; ``log`` is called with each history record as it is produced.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from kfade.data.formatting import IGNORE_INDEX
-from kfade.errors import ConfigError
+from kfade.errors import ConfigError, require_one_of, require_range
 
 Batch = dict[str, torch.Tensor]
 LogFn = Callable[[dict], None]
@@ -65,24 +64,26 @@ class UnlearnData:
 def require_positive(cfg, *names: str) -> None:
     """ConfigError ``method.<name>`` unless each named field is a finite number > 0."""
     for name in names:
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"method.{name}", value, "must be a finite number > 0")
+        require_range(f"method.{name}", getattr(cfg, name), 0, open_low=True)
 
 
 def require_nonnegative(cfg, *names: str) -> None:
     """ConfigError ``method.<name>`` unless each named field is a finite number ≥ 0."""
     for name in names:
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"method.{name}", value, "must be a finite number >= 0")
+        require_range(f"method.{name}", getattr(cfg, name), 0)
 
 
 def require_choice(cfg, name: str, choices: Sequence[str]) -> None:
     """ConfigError ``method.<name>`` unless the field's value is one of ``choices``."""
-    value = getattr(cfg, name)
-    if value not in choices:
-        raise ConfigError(f"method.{name}", value, f"choose one of {list(choices)}")
+    require_one_of(f"method.{name}", getattr(cfg, name), choices)
+
+
+def non_finite(what: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """``"non-finite <what> in <name>"`` for the first tensor holding NaN or ±inf, else None."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            return f"non-finite {what} in {name}"
+    return None
 
 
 def snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from kfade.unlearn.base import (
     Batch,
     LogFn,
     UnlearnData,
+    non_finite,
     require_nonnegative,
     require_positive,
 )
@@ -46,8 +47,9 @@ class FirstOrderMethod:
     """AdamW on :meth:`loss` for ``cfg.epochs`` epochs; history: one record per epoch (epoch 0 = the start).
 
     Record keys: ``epoch``, ``loss`` (mean training loss of the epoch), ``forget_nll`` (L_f, nats/token),
-    ``retain_kl`` (mean per-token KL from the starting model on ``data.kl_probe``). A non-finite training loss
-    stops the run before that update is applied (record ``stopped: "non-finite loss"``).
+    ``retain_kl`` (mean per-token KL from the starting model on ``data.kl_probe``). A non-finite training loss or
+    gradient stops the run before that update is applied (record ``stopped``: ``"non-finite loss"`` or
+    ``"non-finite gradient in <parameter>"``).
     ``timings["unlearn_s"]``: wall time of the whole run.
     """
 
@@ -83,7 +85,8 @@ class FirstOrderMethod:
         self.prepare(model, data)
         history = [{"epoch": 0, "forget_nll": forget_nll(model, data.forget), "retain_kl": 0.0}]
         emit(history[-1])
-        with requires_grad_only(model, self.trainable(model)) as params:
+        names = self.trainable(model)
+        with requires_grad_only(model, names) as params:
             optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
             for epoch in range(1, self.cfg.epochs + 1):
                 losses = []
@@ -91,18 +94,21 @@ class FirstOrderMethod:
                                                disable=not self.progress)):
                     companion = data.retain[i % len(data.retain)] if data.retain else None
                     loss = self.loss(model, i, batch, companion)
-                    if not torch.isfinite(loss):
+                    stopped = None if torch.isfinite(loss) else "non-finite loss"
+                    if stopped is None:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        stopped = non_finite("gradient", {n: p.grad for n, p in zip(names, params, strict=True)
+                                                          if p.grad is not None})
+                    if stopped is not None:
                         break
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
                 record = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
                           "forget_nll": forget_nll(model, data.forget), "retain_kl": probe(model)}
-                stopped = len(losses) < len(data.forget)
-                if stopped:
-                    record["stopped"] = "non-finite loss"
-                    warnings.warn(f"{type(self).__name__}: non-finite loss in epoch {epoch}; stopped",
+                if stopped is not None:
+                    record["stopped"] = stopped
+                    warnings.warn(f"{type(self).__name__}: {stopped} in epoch {epoch}; stopped before that update",
                                   stacklevel=2)
                 history.append(record)
                 emit(record)

@@ -11,7 +11,9 @@ reuse it). The direction p comes from a solver:
   G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
   preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
   Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the
-  preconditioned gradient M∇L_f, the direct step's direction with δ + λ.
+  preconditioned gradient M∇L_f, the direct step's direction with δ + λ. With ``cg_checkpoint`` each PCG
+  iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting weights, data, both configs)
+  and the same run started again after a crash resumes there and ends bit-equal; removed when the run ends.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
@@ -28,16 +30,17 @@ Step rules (η):
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from kfade.cache import cache_dir
-from kfade.curvature import Curvature, CurvatureConfig, load_or_fit
+from kfade.cache import cache_dir, fingerprint
+from kfade.curvature import Curvature, CurvatureConfig, load_or_fit, model_fingerprint
 from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
@@ -46,6 +49,8 @@ from kfade.errors import ConfigError
 from kfade.unlearn.base import (
     LogFn,
     UnlearnData,
+    batches_fingerprint,
+    non_finite,
     require_choice,
     require_nonnegative,
     require_positive,
@@ -82,6 +87,7 @@ class KFadeConfig:
     cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
     cg_warm_start: bool = True  # cg: start each step's PCG from the previous step's direction (else from 0)
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
+    cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
 
     def __post_init__(self):
@@ -112,8 +118,6 @@ def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
     return sum(float(t.double().square().sum()) for t in tensors.values())
 
 
-def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 def evenly_spaced(items: list, count: int | None) -> list:
@@ -126,14 +130,17 @@ def evenly_spaced(items: list, count: int | None) -> list:
 class KFade:
     """``run`` fits/loads the curvature, then takes ``n_steps`` uphill steps in place.
 
-    History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0}`` for the start, then per step
+    History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0, "zero_eigenvalues"}`` for the start
+    (``zero_eigenvalues``: entries of Ĝ's Λ at the ≥ 0 clamp — for K-FAC the products with a factor eigenvalue
+    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.estimators``), then per step
     ``step``, ``forget_nll`` (L_f after the step, nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl``
     (measured mean per-token KL from the starting model on ``data.kl_probe``), ``predicted_kl`` (½ΔᵀĜΔ, undamped),
     ``step_norm`` (‖Δ‖₂), ``eta``; with cg ``cg_iters``, ``cg_residual`` (relative), ``cg_stop``, ``cg_lambda``;
     with target_forget ``forget_evals``. Each PCG iteration is also logged as ``{"cg/step", "cg/iteration",
-    "cg/residual"}`` (not in the history). A step whose update or resulting forget loss is not finite is undone
-    (weights restored bit for bit), recorded with ``rejected`` and ends the run. ``timings``: ``fit_s``
-    (curvature fit or cache load), ``unlearn_s`` (steps).
+    "cg/residual"}`` (not in the history). Numerical guard: a step whose forget gradient, CG residual, direction,
+    update or resulting forget loss (logits) is not finite is undone (weights restored bit for bit), recorded with
+    ``rejected`` = ``"non-finite <quantity> in <parameter>; weights rolled back"``, warned about, and ends the run
+    (the earlier steps stand). ``timings``: ``fit_s`` (curvature fit or cache load), ``unlearn_s`` (steps).
     """
 
     uses_curvature = True
@@ -163,7 +170,7 @@ class KFade:
         backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
         for halvings in range(backtracks + 1):
             delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
-            if not all_finite(delta):
+            if non_finite("step delta", delta):
                 return delta, None, halvings
             apply_delta(model, delta)
             retain_kl = probe(model)
@@ -174,7 +181,7 @@ class KFade:
 
     def solve(self, model: torch.nn.Module, curvature: Curvature, grads: dict[str, torch.Tensor],
               data: UnlearnData, step: int, warm_start: dict[str, torch.Tensor] | None,
-              emit: LogFn) -> tuple[dict[str, torch.Tensor], dict]:
+              emit: LogFn, checkpoints: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """The step's direction p and what to log about it (see the module docstring for the solvers)."""
         cfg = self.cfg
         if cfg.solver == "direct":
@@ -199,10 +206,40 @@ class KFade:
         with bar:
             result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
                                                   max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
-                                                  callback=log_iteration)
+                                                  callback=log_iteration, key=f"step{step}:{lam!r}",
+                                                  checkpoint=checkpoints and checkpoints / f"step{step}.safetensors")
         direction = {n: result.x[n].to(g.dtype) for n, g in grads.items()}
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
+
+    def step(self, model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe,
+             start_prob) -> tuple[dict, dict | None, dict | None, float | None, str | None]:
+        """Solve for the direction, choose η and apply Δ: ``(record, direction, Δ, retain KL, problem)``;
+        ``problem`` names the first non-finite quantity (forget gradient, CG residual, direction, Δ) and its layer,
+        else None (then Δ is applied)."""
+        record = {"step": step}
+        problem = non_finite("forget gradient", grads)
+        if problem is not None:
+            return record, None, None, None, problem
+        direction, solved = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
+        record |= solved
+        if solved.get("cg_stop") == "non_finite":
+            return record, None, None, None, f"non-finite CG residual after {solved['cg_iters']} iterations"
+        problem = non_finite("step direction", direction)
+        if problem is not None:
+            return record, None, None, None, problem
+        if self.cfg.step_rule == "target_forget":
+            target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
+            search = eta_for_forget_prob(model, direction, data.forget, target,
+                                         self.eta(grads, direction, SEARCH_START_KL))
+            eta, record["forget_evals"] = search.eta, search.evaluations
+        else:
+            eta = self.eta(grads, direction, self.cfg.kl_budget)
+        delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
+        record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
+        if halvings:
+            record["backtracks"] = halvings
+        return record, direction, delta, retain_kl, None if retain_kl is not None else non_finite("step delta", delta)
 
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
@@ -218,35 +255,27 @@ class KFade:
         probe = RetainKLProbe(model, data.kl_probe)
         grads, scores = forget_gradient(model, data.forget, names, self.progress)
         start_prob = scores.prob
-        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0}]
+        zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
+        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0,
+                    "zero_eigenvalues": zeros}]
         emit(history[-1])
         previous = None
+        checkpoints = self.checkpoint_dir(model, data) if self.cfg.solver == "cg" and self.cfg.cg_checkpoint else None
         for step in range(1, self.cfg.n_steps + 1):
-            direction, record = self.solve(model, curvature, grads, data, step, previous, emit)
-            record = {"step": step, **record}
             saved = snapshot(model, names)
-            if self.cfg.step_rule == "target_forget":
-                target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
-                eta0 = self.eta(grads, direction, SEARCH_START_KL) if all_finite(direction) else 1.0
-                search = eta_for_forget_prob(model, direction, data.forget, target, eta0)
-                eta, record["forget_evals"] = search.eta, search.evaluations
-            else:
-                eta = self.eta(grads, direction, self.cfg.kl_budget)
-            delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
-            record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
-            if halvings:
-                record["backtracks"] = halvings
-            accepted = retain_kl is not None
-            if accepted:
+            record, direction, delta, retain_kl, problem = self.step(
+                model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe, start_prob)
+            if problem is None:
                 last = step == self.cfg.n_steps
                 grads, scores = ((None, forget_scores(model, data.forget)) if last
                                  else forget_gradient(model, data.forget, names, self.progress))
-                accepted = math.isfinite(scores.nll)
-            if not accepted:
+                if not math.isfinite(scores.nll):
+                    problem = "non-finite forget loss (logits) after the step"
+            if problem is not None:
                 restore(model, saved)
-                record["rejected"] = "non-finite update or forget loss; weights rolled back"
-                warnings.warn(f"K-FADE step {step} rejected: non-finite update or forget loss "
-                              f"(eta={eta:.3g}); weights rolled back, stopping", stacklevel=2)
+                record["rejected"] = f"{problem}; weights rolled back"
+                warnings.warn(f"K-FADE step {step} rejected: {problem}; weights rolled back to before the step, "
+                              "stopping", stacklevel=2)
                 history.append(record)
                 emit(record)
                 break
@@ -255,5 +284,15 @@ class KFade:
             history.append(record)
             emit(record)
             previous = direction if self.cfg.cg_warm_start else None
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history
+
+    def checkpoint_dir(self, model: torch.nn.Module, data: UnlearnData) -> Path:
+        """Where this run's PCG states go: keyed by the starting weights, the data and every setting, so only the
+        same run resumes them (taken before the first step, while the model is at its starting weights)."""
+        key = fingerprint({"model": model_fingerprint(model), "fit": data.fit_fingerprint,
+                           "forget": batches_fingerprint(data.forget), "probe": batches_fingerprint(data.kl_probe),
+                           "method": asdict(self.cfg), "curvature": asdict(self.curvature_cfg)})
+        return self.cache_root.parent / "cg" / key
