@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfade.errors import ConfigError
+from kfade.models.checkpointing import enable_gradient_checkpointing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -65,13 +66,25 @@ def check_source(path: str, key: str = "model.path") -> None:
         raise ConfigError(key, path, "no such local path, and not a Hub id of the form org/name")
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path"):
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path",
+               device_map: str | None = None, gradient_checkpointing: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: see :func:`resolve_device`); the
-    tokenizer gets a pad token (EOS) if it has none."""
+    tokenizer gets a pad token (EOS) if it has none. ``device_map`` (e.g. ``auto``: spread over every GPU, then
+    CPU) is passed to ``from_pretrained`` for models larger than one device, and then ``device`` is not used;
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward (``kfade.models.checkpointing``)."""
     check_source(path, key)
     device, dtype, _ = resolve_device(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError("model.device_map", device_map, str(e).splitlines()[0]) from None
+    model.eval()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model, tokenizer
