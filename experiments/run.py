@@ -22,9 +22,11 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from ranks import rank_overrides, start
 from run_names import run_name
 from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed
 
+from kfade import distributed
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
@@ -97,12 +99,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     group = logger_cfg.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name  # every job of one --multirun shares a W&B group
-    tracker = make_tracker(logger_cfg.kind, run_dir, OmegaConf.to_container(cfg, resolve=True),
+    tracker = make_tracker(logger_cfg.kind if distributed.is_main() else "none", run_dir, OmegaConf.to_container(cfg, resolve=True),
                            logger_cfg.project, logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
                            name=run_name(HydraConfig.get().overrides.task).lstrip("-") or None)
     with tracker:
         t0 = time.perf_counter()
-        suite, results = build_suite(model_cfg, dataset_cfg, eval_cfg, cfg.noise_floor, cfg.progress)
+        with distributed.main_first():  # under torchrun rank 0 fills the model and data caches first
+            suite, results = build_suite(model_cfg, dataset_cfg, eval_cfg, cfg.noise_floor, cfg.progress)
         results["time/prepare_s"] = time.perf_counter() - t0
         rows = ["reference", "retrain"] + (["noise_floor"] if cfg.noise_floor else [])
         results["method"] = method_name
@@ -111,7 +114,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             rows.append("unlearned")
             if cfg.reapply.epochs > 0:
                 rows += ["reapply/finetuned", "reapply/finetuned+delta"]
-        write_results(run_dir, results)
+        if distributed.is_main():
+            write_results(run_dir, results)
         tracker.summary(results)
     print_table(results, rows, suite.headline_keys())
     print(f"\nresults: {run_dir / 'results.json'}")
@@ -136,10 +140,12 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     timings = getattr(method, "timings", {})
     delta_path = run_dir / "delta.safetensors"
     delta = compute_delta(before, model)
-    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
-    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     metrics, record = suite.score(model)
-    suite.save_record(record, run_dir)
+    if distributed.is_main():
+        save_delta(delta_path, delta, {"method": cfg.method.name,
+                                       "base_fingerprint": model_fingerprint(suite.reference)})
+        tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
+        suite.save_record(record, run_dir)
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
     uses_curvature = getattr(method, "uses_curvature", False)
@@ -163,10 +169,11 @@ def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    start()  # torchrun: join the process group (rank 0 alone writes)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    cfg.progress = bool(cfg.progress) and sys.stderr.isatty()  # bars only where a person watches them
+    cfg.progress = bool(cfg.progress) and sys.stderr.isatty() and distributed.is_main()  # bars where one watches
     try:
         run(cfg, run_dir)
     except ConfigError as err:
@@ -175,4 +182,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += rank_overrides()
     main()

@@ -1,6 +1,12 @@
 """Fitting at scale changes nothing: offloaded (CPU, disk), layer-grouped and resumed fits equal the in-memory fit
 bit for bit in fp32; bf16 factor storage stays within a stated error; the cache key ignores scheduling."""
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from test_curvature_reference import batches_of, qa_sequences, tiny_llama
@@ -153,3 +159,37 @@ def test_cache_key_ignores_offload_and_scheduling_but_not_the_factor_dtype():
 def test_bad_scale_options(field, value):
     with pytest.raises(ConfigError, match=f"curvature.{field}="):
         CurvatureConfig(**{field: value})
+
+
+KILLED_FIT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+from test_curvature_scale import BATCHES, model32
+from kfade.curvature import CurvatureConfig, fit_curvature
+
+def slow():
+    for batch in BATCHES:
+        yield batch
+        time.sleep(0.5)
+
+cfg = CurvatureConfig(estimator="ekfac", fisher="mc", seed=1, checkpoint_every=1, offload_dir={directory!r})
+fit_curvature(model32(), slow(), cfg)
+print("finished")
+"""
+
+
+def test_a_killed_fit_process_resumes_bit_equal(tmp_path):
+    """SIGKILL of a real fitting process once its first checkpoint is on disk; a fresh call finishes the fit."""
+    code = KILLED_FIT.format(tests=str(Path(__file__).parent), directory=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    out, err = proc.communicate()
+    assert checkpoint.exists() and b"finished" not in out, err.decode()[-2000:]
+    cfg = CurvatureConfig(estimator="ekfac", fisher="mc", seed=1, checkpoint_every=1, offload_dir=str(tmp_path))
+    assert_bit_equal(fit_curvature(model32(), BATCHES, cfg), fit("ekfac"))
