@@ -99,8 +99,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     group = logger_cfg.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name  # every job of one --multirun shares a W&B group
-    tracker = make_tracker(logger_cfg.kind if distributed.is_main() else "none", run_dir, OmegaConf.to_container(cfg, resolve=True),
-                           logger_cfg.project, logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
+    kind = logger_cfg.kind if distributed.is_main() else "none"  # under torchrun only rank 0 logs
+    tracker = make_tracker(kind, run_dir, OmegaConf.to_container(cfg, resolve=True), logger_cfg.project,
+                           logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
                            name=run_name(HydraConfig.get().overrides.task).lstrip("-") or None)
     with tracker:
         t0 = time.perf_counter()
