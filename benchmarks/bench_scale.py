@@ -51,8 +51,8 @@ def synthetic_batches(n: int, batch_size: int, length: int, vocab: int) -> list[
     return out
 
 
-def expected_bytes(model: torch.nn.Module, cfg: CurvatureConfig, groups: dict[str, str],
-                   dtype_bytes: int = 4) -> dict[str, int]:
+def expected_bytes(model: torch.nn.Module, cfg: CurvatureConfig, groups: dict[str, str], batch_size: int,
+                   length: int, dtype_bytes: int = 4) -> dict[str, int]:
     """Bytes implied by the layer shapes (fp32), with ``groups`` (layer → its activation group: q/k/v and
     gate/up read one input, whose factor A is stored once):
 
@@ -60,7 +60,11 @@ def expected_bytes(model: torch.nn.Module, cfg: CurvatureConfig, groups: dict[st
     - ``factors``: finished K-FAC factors A (in'², once per group) + S (out²) + their eigenvalues; EK-FAC adds
       Λ* (out·in');
     - ``group_sums``: the running factor sums of the largest layer group (what ``layer_groups`` bounds);
-    - ``eigh_workspace``: fp64 copy + eigenvectors of the largest factor.
+    - ``eigh_workspace``: the largest factor n² five times in fp64 (the fp64 copy, its symmetrised copy, the
+      eigenvectors, LAPACK's workspace ≈ n², the stored copy);
+    - ``activations``: one batch's forward/backward: 5 vocabulary-wide fp32 tensors per token (logits, label
+      logits, softmax, the backward signal, the logits' gradient) and per decoder layer the tensors autograd
+      keeps (≈ 12 hidden-wide and 5 MLP-wide per token, attention probabilities and their gradient per head).
     """
     layers = select_layers(model, cfg.modules)
     width = {spec.name: spec.in_features for spec in layers}
@@ -77,8 +81,14 @@ def expected_bytes(model: torch.nn.Module, cfg: CurvatureConfig, groups: dict[st
                                      if cfg.estimator == "ekfac" else 0)
     group_sums = max(factor_elems(g)[0] for g in layer_groups(layers, cfg.layer_groups))
     largest = max(max(s.out_features, s.in_features) for s in layers)
+    c = model.config
+    tokens = batch_size * length
+    attention = 2 * batch_size * c.num_attention_heads * length**2
+    per_layer = tokens * (12 * c.hidden_size + 5 * c.intermediate_size) + attention
+    activations = (5 * tokens * c.vocab_size + c.num_hidden_layers * per_layer) * dtype_bytes
     return {"weights": weights, "gradients": gradients, "factors": factors * dtype_bytes,
-            "group_sums": group_sums * dtype_bytes, "eigh_workspace": 2 * largest * largest * 8}
+            "group_sums": group_sums * dtype_bytes, "eigh_workspace": 5 * largest * largest * 8,
+            "activations": activations}
 
 
 def main() -> None:
@@ -104,7 +114,7 @@ def main() -> None:
     curvature = fit_curvature(model, distributed.shard(batches), cfg)
     fit_s = time.perf_counter() - start
     peak = rss_bytes()
-    expected = expected_bytes(model, cfg, curvature.groups)
+    expected = expected_bytes(model, cfg, curvature.groups, args.batch_size, args.length)
     if distributed.is_main():
         params = sum(p.numel() for p in model.parameters())
         print(f"model: random Llama {params / 1e6:.1f}M parameters, {len(curvature.layers)} covered layers; "
@@ -115,12 +125,11 @@ def main() -> None:
         print("expected bytes (from the layer shapes, fp32):")
         for name, value in expected.items():
             print(f"  {name:15s} {value / GB:8.3f} GB")
-        planned = expected["weights"] + expected["group_sums"] + expected["eigh_workspace"]
-        planned += expected["factors"] if args.offload != "disk" else 0
+        parts = ["weights", "group_sums", "eigh_workspace", "activations"] + (["factors"] * (args.offload != "disk"))
+        planned = sum(expected[k] for k in parts)
         print(f"measured peak RSS: {peak / GB:.3f} GB (interpreter+torch baseline {baseline / GB:.3f} GB, after the "
               f"model {after_model / GB:.3f} GB); above baseline {(peak - baseline) / GB:.3f} GB vs expected "
-              f"weights+group sums+eigh workspace{'+factors' if args.offload != 'disk' else ''} "
-              f"{planned / GB:.3f} GB (ratio {(peak - baseline) / planned:.2f})")
+              f"{'+'.join(parts)} {planned / GB:.3f} GB (measured/expected {(peak - baseline) / planned:.2f})")
     if args.compare and distributed.world_size() == 1:
         plain = fit_curvature(model, batches, CurvatureConfig(estimator=args.estimator, fisher="empirical"))
         equal = all(torch.equal(plain.tensors[k], curvature.tensors[k]) for k in plain.tensors)
