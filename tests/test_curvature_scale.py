@@ -143,6 +143,24 @@ def test_a_checkpoint_of_other_data_is_ignored(tmp_path):
         assert_bit_equal(fit_curvature(model32(), BATCHES, cfg), fit("kfac"))
 
 
+def test_a_checkpoint_after_the_first_pass_needs_the_same_number_of_batches(tmp_path):
+    cfg = CurvatureConfig(estimator="ekfac", fisher="mc", seed=1, checkpoint_every=1, offload_dir=str(tmp_path))
+    calls, capture = [], LayerCapture.capture
+
+    def dying(self, *args, **kwargs):  # dies in the correction pass, after the factor pass over 3 batches
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupted
+        return capture(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LayerCapture, "capture", dying)
+        with pytest.raises(Interrupted):
+            fit_curvature(model32(), BATCHES[:3], cfg)
+    with pytest.warns(UserWarning, match="batches differ"):
+        assert_bit_equal(fit_curvature(model32(), BATCHES, cfg), fit("ekfac"))
+
+
 def test_checkpointing_needs_a_directory():
     with pytest.raises(ConfigError, match="curvature.checkpoint_every=2"):
         fit("kfac", checkpoint_every=2)

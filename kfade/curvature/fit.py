@@ -214,7 +214,7 @@ class _Fit:
         saved = self.checkpoint.load() if self.checkpoint is not None else None
         if saved is not None:
             state, tensors, generator_state = saved
-            source.read_until(state["n_used"])
+            source.read_until(state["n_used"] + (state["pass"] > 0))  # after pass 0, the data must end there
             if len(source.used) != state["n_used"] or source.digest.hexdigest() != state["digest"]:
                 warnings.warn(f"ignoring the curvature checkpoint {self.checkpoint.path}: the batches differ",
                               stacklevel=4)
