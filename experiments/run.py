@@ -22,9 +22,11 @@ import transformers
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from ranks import rank_overrides, start
 from run_names import run_name
 from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, RunOptions, typed
 
+from kfade import distributed
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
@@ -96,7 +98,7 @@ def validated(cfg: DictConfig) -> Checked:
     """Every config of the run typed and validated, then checked against the machine and the disk
     (``kfade.preflight``) — before any data is built or model loaded. The first problem raises ConfigError."""
     options = typed(OmegaConf.masked_copy(cfg, [f.name for f in dataclasses.fields(RunOptions)]), RunOptions, "")
-    options.progress = options.progress and sys.stderr.isatty()
+    options.progress = options.progress and sys.stderr.isatty() and distributed.is_main()
     model_cfg = typed(cfg.model, ModelConfig, "model")
     dataset_cfg = typed(cfg.dataset, DatasetConfig, "dataset")
     eval_cfg = typed(cfg.eval, EvalConfig, "eval")
@@ -122,12 +124,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     group = logger_cfg.group
     if group is None and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name  # every job of one --multirun shares a W&B group
-    tracker = make_tracker(logger_cfg.kind, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                           logger_cfg.project, logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
+    kind = logger_cfg.kind if distributed.is_main() else "none"  # under torchrun only rank 0 logs
+    tracker = make_tracker(kind, run_dir, OmegaConf.to_container(cfg, resolve=True), logger_cfg.project,
+                           logger_cfg.entity, group, logger_cfg.tags, logger_cfg.mode,
                            name=run_name(HydraConfig.get().overrides.task).lstrip("-") or None)
     with tracker:
         t0 = time.perf_counter()
-        suite, results = build_suite(model_cfg, dataset_cfg, checked.eval, noise_floor, cfg.progress)
+        with distributed.main_first():  # under torchrun rank 0 fills the model and data caches first
+            suite, results = build_suite(model_cfg, dataset_cfg, checked.eval, noise_floor, cfg.progress)
         results["time/prepare_s"] = time.perf_counter() - t0
         rows = ["reference", "retrain"] + (["noise_floor"] if noise_floor else [])
         results["method"] = method_name
@@ -136,7 +140,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             rows.append("unlearned")
             if cfg.reapply.epochs > 0:
                 rows += ["reapply/finetuned", "reapply/finetuned+delta"]
-        write_results(run_dir, results)
+        if distributed.is_main():
+            write_results(run_dir, results)
         tracker.summary(results)
     print_table(results, rows, suite.headline_keys())
     print(f"\nresults: {run_dir / 'results.json'}")
@@ -163,10 +168,12 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     metrics, record = suite.score(model)
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
-    suite.save_record(record, run_dir)  # outputs at the end, each atomic; results.json (written last) marks done
-    delta_path = run_dir / "delta.safetensors"
-    save_delta(delta_path, delta, {"method": cfg.method.name, "base_fingerprint": model_fingerprint(suite.reference)})
-    tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
+    if distributed.is_main():  # outputs at the end, each atomic; results.json (written last) marks done
+        suite.save_record(record, run_dir)
+        delta_path = run_dir / "delta.safetensors"
+        save_delta(delta_path, delta, {"method": cfg.method.name,
+                                       "base_fingerprint": model_fingerprint(suite.reference)})
+        tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     curvature = method.curvature_cfg if getattr(method, "uses_curvature", False) else None
     return {**metrics, **hyperparameters(method.cfg, curvature, cfg.dataset.fit_sets),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
@@ -188,6 +195,7 @@ def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    start()  # torchrun: join the process group (rank 0 alone writes)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -199,4 +207,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv += rank_overrides()
     main()

@@ -73,7 +73,7 @@ def test_load_or_fit_refits_on_other_data_or_weights(tmp_path, counted_fits):
 def test_load_or_fit_refits_a_corrupt_file(tmp_path, counted_fits):
     model = tiny_llama()
     load_or_fit(model, lambda: BATCHES, CFG, tmp_path, "data-a")
-    (factors,) = tmp_path.glob("*/factors.safetensors")
+    factors = sorted(tmp_path.glob("*/*.safetensors"))[0]
     factors.write_bytes(factors.read_bytes()[:100])
     with pytest.warns(UserWarning, match="unreadable"):
         load_or_fit(model, lambda: BATCHES, CFG, tmp_path, "data-a")
@@ -95,3 +95,49 @@ def test_model_fingerprint_sees_weights_and_dtypes():
         b.model.layers[0].self_attn.v_proj.weight[0, 0] += 1.0
     assert model_fingerprint(a) != model_fingerprint(b)
     assert model_fingerprint(a) != model_fingerprint(tiny_llama(seed=0, dtype=torch.float32))
+
+
+def test_load_or_fit_refits_a_tampered_file(tmp_path, counted_fits):
+    model = tiny_llama()
+    first = load_or_fit(model, lambda: BATCHES, CFG, tmp_path, "data-a")
+    factors = sorted(tmp_path.glob("*/*.safetensors"))[-1]
+    blob = bytearray(factors.read_bytes())
+    blob[-9] ^= 0xFF  # one flipped byte inside a tensor: same length, still parses
+    factors.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        refit = load_or_fit(model, lambda: BATCHES, CFG, tmp_path, "data-a")
+    assert len(counted_fits) == 2
+    assert all(torch.equal(refit.tensors[k], t) for k, t in first.tensors.items())
+
+
+def test_load_or_fit_shares_one_fit_across_offload_and_schedule(tmp_path, counted_fits):
+    model = tiny_llama(dtype=torch.float32)
+    cfg = CurvatureConfig(estimator="ekfac", fisher="mc")
+    first = load_or_fit(model, lambda: BATCHES, cfg, tmp_path, "data-a")
+    disk = load_or_fit(model, lambda: BATCHES, CurvatureConfig(estimator="ekfac", fisher="mc", offload="disk",
+                                                               layer_groups=2, checkpoint_every=1),
+                       tmp_path, "data-a")
+    assert len(counted_fits) == 1 and disk.tensors.offload == "disk" and disk.config.layer_groups == 2
+    assert disk.tensors.directory.parent == tmp_path  # streamed from the cache entry itself
+    assert all(torch.equal(disk.tensors[k], t) for k, t in first.tensors.items())
+    load_or_fit(model, lambda: BATCHES, CurvatureConfig(estimator="ekfac", fisher="mc", factor_dtype="bfloat16"),
+                tmp_path, "data-a")
+    assert len(counted_fits) == 2
+
+
+def test_load_or_fit_resumes_an_interrupted_fit(tmp_path):
+    model = tiny_llama(dtype=torch.float32)
+    cfg = CurvatureConfig(estimator="ekfac", fisher="mc", checkpoint_every=1, layer_groups=2)
+
+    def interrupted():
+        yield BATCHES[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_fit(model, interrupted, cfg, tmp_path, "data-a")
+    (work,) = tmp_path.glob("*.work")
+    assert (work / "checkpoint.safetensors").exists()
+    resumed = load_or_fit(model, lambda: BATCHES, cfg, tmp_path, "data-a")
+    assert not work.exists()
+    plain = fit_curvature(model, BATCHES, CurvatureConfig(estimator="ekfac", fisher="mc"))
+    assert all(torch.equal(resumed.tensors[k], t) for k, t in plain.tensors.items())

@@ -22,7 +22,8 @@ Conventions (every estimator, so that a damping value means the same thing every
   draw of the summed token loss, divided also by ``mc_samples``). Diagonal: D = (1/N_tok) Σ_k G_k². Identity:
   Ĝ = I. Preconditioning: V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ, δ absolute or α·mean(Λ) per layer.
 - **Numerics.** Logits upcast to fp32; factors accumulate in fp32 (fp64 for a fp64 model); ``eigh`` in fp64 on
-  the symmetrised factor with a finiteness check; eigenvalues clamped ≥ 0; parameters' ``.grad`` untouched.
+  the symmetrised factor with a finiteness check; eigenvalues clamped ≥ 0, then stored at ``factor_dtype``
+  (bf16 allowed) and applied in fp32; parameters' ``.grad`` untouched.
 - **Shared inputs.** Layers reading the same input tensor (q/k/v; gate/up) share one A, stored once under
   the first such layer's name.
 """

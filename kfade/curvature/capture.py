@@ -81,9 +81,10 @@ class LayerCapture:
     def _clear(self) -> None:
         self._inputs, self._outputs, self._layer_group = {}, {}, {}
 
-    def capture(self, batch: dict[str, torch.Tensor], cfg: CurvatureConfig,
-                generator: torch.Generator) -> CapturedBatch:
-        """Run the forward on ``batch``; the returned grads generator runs the backward(s) lazily."""
+    def capture(self, batch: dict[str, torch.Tensor], cfg: CurvatureConfig, generator: torch.Generator,
+                active: set[str] | None = None) -> CapturedBatch:
+        """Run the forward on ``batch``; the returned grads generator runs the backward(s) lazily. Only the
+        ``active`` layers (default: all) get activations and output gradients (a layer group of the fit)."""
         self._clear()
         targets, fed = label_positions(batch)
         is_label = targets != IGNORE_INDEX
@@ -101,9 +102,13 @@ class LayerCapture:
         elif self.groups != self._layer_group:
             raise RuntimeError("layers read different shared inputs from one batch to the next")
         bias_of = {spec.name: spec.bias is not None for spec in self.layers}
+        specs = [spec for spec in self.layers if active is None or spec.name in active]
+        needed = {self.groups[spec.name] for spec in specs}
         fed_f = fed.unsqueeze(-1).to(self.factor_dtype)
         activations = {}
         for group, x in self._inputs.values():
+            if group not in needed:
+                continue
             a = x.detach().to(self.factor_dtype)
             if bias_of[group]:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -112,12 +117,12 @@ class LayerCapture:
         rank = (is_label.cumsum(1) - 1)[is_label]
         probs = torch.softmax(z.detach(), dim=-1)
         sig = signals(probs, targets[is_label], rank, cfg.fisher, cfg.mc_samples, generator)
-        outputs = [self._outputs[spec.name] for spec in self.layers]
+        outputs = [self._outputs[spec.name] for spec in specs]
         self._inputs, self._outputs = {}, {}
         return CapturedBatch(activations, self.groups, n_tokens, int(fed.sum()),
-                             self._output_grads(z, sig, outputs, fed_f))
+                             self._output_grads(z, sig, specs, outputs, fed_f))
 
-    def _output_grads(self, z, sig, outputs, fed_f) -> Iterator[dict[str, torch.Tensor]]:
+    def _output_grads(self, z, sig, specs, outputs, fed_f) -> Iterator[dict[str, torch.Tensor]]:
         chunk = max(1, SIGNAL_CHUNK_ELEMENTS // max(1, sig[0].numel()))
         for start in range(0, len(sig), chunk):
             part = sig[start : start + chunk]
@@ -128,4 +133,4 @@ class LayerCapture:
                                             retain_graph=not last, allow_unused=True, materialize_grads=True,
                                             is_grads_batched=len(part) > 1)
             yield {spec.name: (g if len(part) > 1 else g.unsqueeze(0)).to(self.factor_dtype).mul_(fed_f)
-                   for spec, g in zip(self.layers, grads, strict=True)}  # fresh tensors: masked in place
+                   for spec, g in zip(specs, grads, strict=True)}  # fresh tensors: masked in place

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kfade.errors import ConfigError, require_range
 
 ESTIMATORS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("mc", "empirical", "exact")
 DAMPING_MODES = ("absolute", "relative")
+FACTOR_DTYPES = ("float32", "bfloat16")
+OFFLOADS = ("none", "cpu", "disk")
+# Fields that do not change the fitted factors, hence not part of the curvature cache key: used when
+# preconditioning (damping), where finished factors are kept (offload), and how the fit is scheduled.
+APPLY_TIME_FIELDS = ("damping", "damping_mode", "offload", "offload_dir")
+SCHEDULE_FIELDS = ("layer_groups", "checkpoint_every")
 # Every nn.Linear inside a numbered decoder block (``model.layers.3.mlp.up_proj``, ``transformer.h.0...``):
 # embeddings and lm_head live outside the blocks and are therefore excluded.
 DEFAULT_MODULES = r"(^|\.)(layers|h|blocks|block)\.\d+\."
@@ -28,6 +34,11 @@ class CurvatureConfig:
     max_batches: int | None = None  # stop after this many batches (None: all)
     max_tokens: int | None = None  # stop once this many label tokens were used (None: all)
     seed: int = 0  # seed of the MC label draws (rank r of a process group uses seed + r)
+    factor_dtype: str = "float32"  # factor/eigenbasis/eigenvalue storage: float32 (fp64 for fp64 models) | bfloat16
+    offload: str = "none"  # where finished factors live: none (model's device) | cpu (pinned with CUDA) | disk
+    offload_dir: str | None = None  # offload=disk: directory of the per-layer files (None: a temp dir / the cache)
+    layer_groups: int = 1  # fit the covered layers in this many groups, one pass (EK-FAC: two) over the data each
+    checkpoint_every: int | None = None  # save the running sums every N batches and resume from them (None: off)
 
     def __post_init__(self):
         self.validate()
@@ -44,7 +55,12 @@ class CurvatureConfig:
         if self.damping_mode not in DAMPING_MODES:
             raise ConfigError("curvature.damping_mode", self.damping_mode,
                               f"must be one of {', '.join(DAMPING_MODES)}")
-        for key in ("max_batches", "max_tokens"):
+        for key, choices in (("factor_dtype", FACTOR_DTYPES), ("offload", OFFLOADS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"curvature.{key}", getattr(self, key), f"must be one of {', '.join(choices)}")
+        if int(self.layer_groups) < 1:
+            raise ConfigError("curvature.layer_groups", self.layer_groups, "must be ≥ 1")
+        for key in ("max_batches", "max_tokens", "checkpoint_every"):
             value = getattr(self, key)
             if value is not None and int(value) < 1:
                 raise ConfigError(f"curvature.{key}", value, "must be ≥ 1 or null")
@@ -52,3 +68,8 @@ class CurvatureConfig:
             re.compile(self.modules)
         except re.error as e:
             raise ConfigError("curvature.modules", self.modules, f"not a regular expression ({e})") from None
+
+
+def fit_key(cfg: CurvatureConfig) -> dict:
+    """The config fields that change the fitted factors (``factor_dtype`` does; offload and scheduling do not)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in APPLY_TIME_FIELDS + SCHEDULE_FIELDS}

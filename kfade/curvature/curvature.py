@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kfade.cache import atomic_path
 from kfade.curvature.config import DAMPING_MODES, CurvatureConfig
+from kfade.curvature.factors import FactorStore, layer_file, layer_of, sha256_file
 from kfade.curvature.layers import LayerSpec
 from kfade.errors import ConfigError
 
-FORMAT_VERSION = 1
-TENSORS_FILE, MANIFEST_FILE = "factors.safetensors", "manifest.json"
+FORMAT_VERSION = 2  # 2: one safetensors file per layer, each with its SHA-256 in the manifest
+MANIFEST_FILE = "manifest.json"
 
 
 class Curvature:
@@ -25,11 +26,12 @@ class Curvature:
     diag(D) (diagonal) or I (identity), for the mean per-token loss (see ``kfade.curvature``).
 
     ``tensors`` keys: ``A/<group>/eigvecs`` and ``S/<layer>/eigvecs`` (kfac, ekfac), ``A/<group>/eigvals`` and
-    ``S/<layer>/eigvals`` (kfac), ``eigvals/<layer>`` (ekfac Λ*, shape (out, in')), ``diag/<layer>`` (diagonal).
+    ``S/<layer>/eigvals`` (kfac), ``eigvals/<layer>`` (ekfac Λ*, shape (out, in')), ``diag/<layer>`` (diagonal),
+    stored at the config's ``factor_dtype`` in a ``FactorStore`` (memory, CPU or per-layer files: ``offload``).
     """
 
     def __init__(self, config: CurvatureConfig, layers: list[LayerSpec], groups: dict[str, str],
-                 tensors: dict[str, torch.Tensor], n_tokens: int, n_positions: int, model_fingerprint: str,
+                 tensors: Mapping[str, torch.Tensor], n_tokens: int, n_positions: int, model_fingerprint: str,
                  data_fingerprint: str | None = None):
         self.config, self.layers, self.groups, self.tensors = config, layers, groups, tensors
         self.n_tokens, self.n_positions = n_tokens, n_positions
@@ -48,14 +50,14 @@ class Curvature:
 
     def eigenvalues(self, layer: LayerSpec) -> torch.Tensor:
         """Λ of shape (out, in'): Ĝ's eigenvalues in the layer's basis (undamped, ≥ 0)."""
-        estimator = self.config.estimator
+        estimator, compute = self.config.estimator, self._compute_dtype()
         if estimator == "kfac":
-            return torch.outer(self.tensors[f"S/{layer.name}/eigvals"],
-                               self.tensors[f"A/{self.groups[layer.name]}/eigvals"])
+            return torch.outer(self.tensors[f"S/{layer.name}/eigvals"].to(compute),
+                               self.tensors[f"A/{self.groups[layer.name]}/eigvals"].to(compute))
         if estimator == "ekfac":
-            return self.tensors[f"eigvals/{layer.name}"]
+            return self.tensors[f"eigvals/{layer.name}"].to(compute)
         if estimator == "diagonal":
-            return self.tensors[f"diag/{layer.name}"]
+            return self.tensors[f"diag/{layer.name}"].to(compute)
         return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
 
     def mean_eigenvalue(self) -> float | None:
@@ -103,7 +105,7 @@ class Curvature:
         unknown = sorted(set(tensors) - set(self.param_names))
         if unknown:
             raise ConfigError(key, unknown[:3], "parameters not covered by this curvature")
-        compute = torch.promote_types(self._factor_dtype(), torch.float32)
+        compute = self._compute_dtype()
         for spec in self.layers:
             present = [name in tensors for name in spec.param_names]
             if not any(present):
@@ -131,11 +133,15 @@ class Curvature:
             out[spec.bias] = v[:, -1].to(like[spec.bias].dtype)
         return out
 
-    def _factor_dtype(self) -> torch.dtype:
-        return next(iter(self.tensors.values())).dtype if self.tensors else torch.float32
+    def _compute_dtype(self) -> torch.dtype:
+        """fp32, or fp64 for a fp64 fit (bf16-stored factors are applied in fp32)."""
+        if not hasattr(self, "_compute"):
+            stored = next(iter(self.tensors.values())).dtype if self.tensors else torch.float32
+            self._compute = torch.promote_types(stored, torch.float32)
+        return self._compute
 
-    def manifest(self) -> dict:
-        """The JSON-serialisable description stored beside the tensors."""
+    def manifest(self, checksums: dict[str, str] | None = None) -> dict:
+        """The JSON-serialisable description stored beside the tensors (``files``: SHA-256 per layer file)."""
         return {
             "format_version": FORMAT_VERSION,
             "config": asdict(self.config),
@@ -144,32 +150,55 @@ class Curvature:
             "n_tokens": self.n_tokens,
             "n_positions": self.n_positions,
             "layers": [{**asdict(spec), "group": self.groups.get(spec.name)} for spec in self.layers],
-            "tensors": {key: list(t.shape) for key, t in self.tensors.items()},
+            "tensors": (self.tensors.shapes() if isinstance(self.tensors, FactorStore)
+                        else {key: list(t.shape) for key, t in self.tensors.items()}),
+            "files": checksums or {},
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the directory ``path`` (``factors.safetensors`` + ``manifest.json``) atomically."""
+        """Write the directory ``path`` atomically: ``<layer>.safetensors`` per layer (written one layer at a time)
+        and ``manifest.json`` with each file's SHA-256. A disk-offloaded curvature then reads from ``path``."""
+        path = Path(path)
+        store = self.tensors if isinstance(self.tensors, FactorStore) else None
+        layers = store.layers() if store else list(dict.fromkeys(layer_of(k) for k in self.tensors))
+        checksums = {}
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            save_file({k: t.detach().cpu().contiguous() for k, t in self.tensors.items()}, tmp / TENSORS_FILE)
-            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
+            for layer in layers:
+                tensors = store.layer_tensors(layer) if store else {k: t for k, t in self.tensors.items()
+                                                                    if layer_of(k) == layer}
+                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, layer_file(tmp, layer))
+                checksums[layer] = sha256_file(layer_file(tmp, layer))
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(checksums), indent=2, sort_keys=True) + "\n")
+        if store is not None and store.offload == "disk":
+            self.tensors = FactorStore.open(path, {k: layer_of(k) for k in self.tensors})
 
     @classmethod
-    def load(cls, path: str | Path) -> Curvature:
-        """Read a directory written by ``save``; a missing, corrupt or inconsistent one raises ConfigError."""
+    def load(cls, path: str | Path, offload: str = "none", device: torch.device | str = "cpu") -> Curvature:
+        """Read a directory written by ``save`` into a store at ``offload`` (``none``: on ``device``). Every file's
+        checksum, shapes and finiteness are checked first; a missing, truncated, tampered or inconsistent file
+        raises ConfigError."""
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text())
-            tensors = load_file(path / TENSORS_FILE) if manifest["tensors"] else {}
             if manifest["format_version"] != FORMAT_VERSION:
                 raise ValueError(f"format version {manifest['format_version']} ≠ {FORMAT_VERSION}")
-            if {k: list(t.shape) for k, t in tensors.items()} != manifest["tensors"]:
+            owners = {key: layer_of(key) for key in manifest["tensors"]}
+            if set(owners.values()) != set(manifest["files"]):
+                raise ValueError("the files do not match the manifest")
+            for layer, checksum in manifest["files"].items():
+                if sha256_file(layer_file(path, layer)) != checksum:
+                    raise ValueError(f"checksum mismatch in {layer}.safetensors (truncated or modified)")
+            store = FactorStore.open(path, owners)
+            if store.shapes() != manifest["tensors"]:
                 raise ValueError("tensors do not match the manifest")
-            if not all(torch.isfinite(t).all() for t in tensors.values()):
-                raise ValueError("non-finite factors")
+            if offload != "disk":
+                store = store.moved(offload, device)
+                if not all(torch.isfinite(t).all() for t in store.values()):
+                    raise ValueError("non-finite factors")
             layers = [LayerSpec(**{k: v for k, v in d.items() if k != "group"}) for d in manifest["layers"]]
             groups = {d["name"]: d["group"] for d in manifest["layers"] if d["group"] is not None}
-            return cls(CurvatureConfig(**manifest["config"]), layers, groups, tensors, manifest["n_tokens"],
+            return cls(CurvatureConfig(**manifest["config"]), layers, groups, store, manifest["n_tokens"],
                        manifest["n_positions"], manifest["model_fingerprint"], manifest["data_fingerprint"])
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise ConfigError("curvature.path", str(path), f"unreadable curvature file ({e})") from None

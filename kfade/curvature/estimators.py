@@ -24,10 +24,10 @@ PER_SAMPLE_CHUNK_ELEMENTS = 2**26  # bound on sequences·out·in of one batched 
 class Sums:
     """Named running sums plus the token / position counts, all-reducible in one go."""
 
-    def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.n_tokens = 0
-        self.n_positions = 0
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, n_tokens: int = 0, n_positions: int = 0):
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self.n_tokens = n_tokens
+        self.n_positions = n_positions
 
     def add(self, key: str, value: torch.Tensor) -> None:
         if key in self.tensors:
@@ -51,9 +51,10 @@ class Sums:
         self.n_tokens, self.n_positions = (int(c) for c in counts.tolist())
 
 
-def covariance_pass(batches: Iterable[CapturedBatch]) -> Sums:
-    """K-FAC sums: ``A/<group>`` = Σ ā āᵀ over fed positions, ``S/<layer>`` = Σ_signals Σ_s g gᵀ."""
-    sums = Sums()
+def covariance_pass(batches: Iterable[CapturedBatch], sums: Sums | None = None) -> Sums:
+    """K-FAC sums: ``A/<group>`` = Σ ā āᵀ over fed positions, ``S/<layer>`` = Σ_signals Σ_s g gᵀ (added to
+    ``sums``, e.g. those of a checkpoint)."""
+    sums = Sums() if sums is None else sums
     for batch in batches:
         sums.count(batch)
         for group, a in batch.activations.items():
@@ -67,11 +68,11 @@ def covariance_pass(batches: Iterable[CapturedBatch]) -> Sums:
     return sums
 
 
-def squared_gradient_pass(batches: Iterable[CapturedBatch],
-                          bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> Sums:
+def squared_gradient_pass(batches: Iterable[CapturedBatch], bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                          sums: Sums | None = None) -> Sums:
     """Σ over signals and sequences of (Q_Sᵀ G_k Q_A)² per layer (``bases[layer] = (Q_S, Q_A)``), or of G_k²
-    when ``bases`` is None. Per-sequence gradients are formed batched (einsum), never looped per sequence."""
-    sums = Sums()
+    when ``bases`` is None, added to ``sums``. Per-sequence gradients are formed batched (einsum)."""
+    sums = Sums() if sums is None else sums
     for batch in batches:
         sums.count(batch)
         if bases is None:

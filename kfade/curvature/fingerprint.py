@@ -18,6 +18,7 @@ def model_fingerprint(model: nn.Module, length: int = 16) -> str:
         for name, p in model.named_parameters():
             digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
             flat = p.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_PARAM, flat.numel()), device=flat.device)
-            digest.update(flat[index.long()].double().cpu().numpy().tobytes())
+            count = min(SAMPLES_PER_PARAM, flat.numel())  # integer spacing: fp32 linspace overshoots past 2^24
+            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+            digest.update(flat[index].double().cpu().numpy().tobytes())
     return digest.hexdigest()[:length]

@@ -6,7 +6,8 @@ over the label tokens t of a list of batches (labels ≠ −100 after the causal
 Jacobian of position t's logits with respect to the covered parameters, p_t its softmax. Units: v in parameter
 units, G·v in nats per token per parameter unit, so ½vᵀGv ≈ mean per-token KL(p_θ ‖ p_θ+v).
 
-Each product is one pass over the batches, one batch in memory at a time (chunked), in one of two modes:
+Each product is one pass over the batches, one batch in memory at a time (chunked), in one of two modes (under
+torch.distributed each rank takes its shard ``batches[rank::world]`` and the sums are all-reduced):
 
 - ``forward``: a forward pass with the parameters as forward-mode dual numbers gives the logits and J v at once;
   one backward of H·(J v) gives Jᵀ H J v.
@@ -33,8 +34,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from kfade import distributed
 from kfade.curvature.fisher import IGNORE_INDEX, label_positions
 from kfade.errors import ConfigError
+from kfade.models.checkpointing import checkpointing_active
 from kfade.models.params import requires_grad_only
 
 MODES = ("auto", "forward", "double_backward")
@@ -76,9 +79,12 @@ class GaussNewton:
             raise ConfigError("names", missing[:3], "not parameters of the model")
         self.model, self.names, self.progress = model, list(names), progress
         self.device = next(model.parameters()).device
-        self.batches = [{k: t.to(self.device) for k, t in b.items() if isinstance(t, torch.Tensor)} for b in batches]
+        self.batches = [{k: t.to(self.device) for k, t in b.items() if isinstance(t, torch.Tensor)}
+                        for b in distributed.shard(batches)]
         self.masks = [label_positions(b)[0] != IGNORE_INDEX for b in self.batches]
-        self.n_tokens = int(sum(int(m.sum()) for m in self.masks))
+        n_tokens = torch.tensor([sum(int(m.sum()) for m in self.masks)], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_([n_tokens])
+        self.n_tokens = int(n_tokens)
         if self.n_tokens == 0:
             raise ConfigError("batches", "labels", "no label tokens (all labels are -100 or padding)")
         self.compute_dtype = torch.promote_types(params[self.names[0]].dtype, torch.float32)
@@ -86,6 +92,9 @@ class GaussNewton:
             mode = "double_backward"  # faster than forward mode on the mini-TOFU model (README: Performance)
         if retain_graphs and mode != "double_backward":
             raise ConfigError("method.ggn_mode", mode, "retained graphs need mode double_backward")
+        if mode == "forward" and checkpointing_active(model):
+            raise ConfigError("method.ggn_mode", mode, "forward-mode products do not run through gradient "
+                              "checkpointing (model.gradient_checkpointing); use double_backward or auto")
         self.mode, self.retain_graphs = mode, retain_graphs
         self.products = 0
         self._graphs: list[_Graph] = []  # built by the first product when retain_graphs
@@ -103,6 +112,7 @@ class GaussNewton:
             for i in batches:
                 for acc, g in zip(out.values(), self._batch_product(i, v), strict=True):
                     acc.add_(g)
+        distributed.all_reduce_(list(out.values()))
         self.products += 1
         return {n: t / self.n_tokens for n, t in out.items()}
 

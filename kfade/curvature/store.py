@@ -3,27 +3,24 @@ step sizes share one fit: damping is not part of the key)."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
+from kfade import distributed
 from kfade.cache import fingerprint
-from kfade.curvature.config import CurvatureConfig
+from kfade.curvature.config import APPLY_TIME_FIELDS, SCHEDULE_FIELDS, CurvatureConfig, fit_key
 from kfade.curvature.curvature import Curvature
 from kfade.curvature.fingerprint import model_fingerprint
 from kfade.curvature.fit import fit_curvature
 from kfade.curvature.layers import select_layers
 from kfade.errors import ConfigError
 
-APPLY_TIME_FIELDS = ("damping", "damping_mode")  # used when preconditioning, not when fitting
-
-
-def fit_key(cfg: CurvatureConfig) -> dict:
-    """The config fields that change the fitted factors."""
-    return {k: v for k, v in asdict(cfg).items() if k not in APPLY_TIME_FIELDS}
+__all__ = ["APPLY_TIME_FIELDS", "SCHEDULE_FIELDS", "fit_fingerprint", "fit_key", "load_or_fit"]
 
 
 def fit_fingerprint(cfg: CurvatureConfig, model_fp: str, data_fp: str | None) -> str:
@@ -33,27 +30,45 @@ def fit_fingerprint(cfg: CurvatureConfig, model_fp: str, data_fp: str | None) ->
 def load_or_fit(model: nn.Module, batches_fn: Callable[[], Iterable[dict]], cfg: CurvatureConfig,
                 cache_root: str | Path, data_fingerprint: str, progress: bool = False) -> Curvature:
     """The fit stored under ``cache_root`` for (``cfg``, ``data_fingerprint``) if its model fingerprint matches
-    ``model``; otherwise fit on ``batches_fn()`` and store it. An unreadable file is refit (with a warning); a
-    stored fit whose layer shapes differ from the model's raises ``ConfigError``. The returned curvature uses
-    ``cfg``'s damping."""
+    ``model``; otherwise fit on ``batches_fn()`` and store it. An unreadable, truncated or tampered file is refit
+    (with a warning); a stored fit whose layer shapes differ from the model's raises ``ConfigError``. The returned
+    curvature uses ``cfg``'s apply-time fields (damping, offload). Under torch.distributed each rank fits its shard
+    of the batches (``batches[rank::world]``; the caps then apply per rank), rank 0 writes the cache and the other
+    ranks read it back. Checkpoints (``checkpoint_every``) and disk-offloaded factors go to ``cfg.offload_dir``,
+    else to ``<cache entry>.work`` (kept after a crash so that the next call resumes, removed after the save)."""
     key = fingerprint({"config": fit_key(cfg), "data": data_fingerprint})
     path = Path(cache_root) / f"curvature-{cfg.estimator}-{key}"
     expected = fit_fingerprint(cfg, model_fingerprint(model), data_fingerprint)
+    device = next(model.parameters()).device
     if path.exists():
         try:
-            stored = Curvature.load(path)
+            stored = Curvature.load(path, cfg.offload, device)
         except ConfigError as e:
             warnings.warn(f"refitting the curvature: {e}", stacklevel=2)
         else:
             _check_layers(stored, model, cfg, path)
             if fit_fingerprint(stored.config, stored.model_fingerprint, stored.data_fingerprint) == expected:
-                stored.config = replace(stored.config, **{k: getattr(cfg, k) for k in APPLY_TIME_FIELDS})
-                return stored
+                return _with_apply_time_fields(stored, cfg)
             warnings.warn(f"refitting the curvature: {path} was fit on other weights or data", stacklevel=2)
-    curvature = fit_curvature(model, batches_fn(), cfg, progress=progress)
+    distributed.barrier()  # every rank has read the old entry before rank 0 replaces it
+    workdir = path.with_name(path.name + ".work")
+    curvature = fit_curvature(model, distributed.shard(batches_fn()), cfg, progress=progress,
+                              workdir=cfg.offload_dir or workdir)
     curvature.data_fingerprint = data_fingerprint
-    curvature.save(path)
+    if distributed.is_main():
+        curvature.save(path)
+    distributed.barrier()
+    if not distributed.is_main():
+        curvature = _with_apply_time_fields(Curvature.load(path, cfg.offload, device), cfg)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(workdir, ignore_errors=True)
     return curvature
+
+
+def _with_apply_time_fields(stored: Curvature, cfg: CurvatureConfig) -> Curvature:
+    stored.config = replace(stored.config, **{k: getattr(cfg, k) for k in APPLY_TIME_FIELDS + SCHEDULE_FIELDS})
+    return stored
 
 
 def _check_layers(stored: Curvature, model: nn.Module, cfg: CurvatureConfig, path: Path) -> None:

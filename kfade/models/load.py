@@ -10,6 +10,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfade.errors import ConfigError
+from kfade.models.checkpointing import enable_gradient_checkpointing
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -69,16 +70,29 @@ def check_source(path: str, key: str = "model.path") -> None:
         raise ConfigError(key, path, "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path"):
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str = "model.path",
+               device_map: str | None = None, gradient_checkpointing: bool = False):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (``auto``: see :func:`resolve_device`); the
-    tokenizer gets a pad token (EOS) if it has none."""
+    tokenizer gets a pad token (EOS) if it has none. ``device_map`` (e.g. ``auto``: spread over every GPU, then
+    CPU) is passed to ``from_pretrained`` for models larger than one device, and then ``device`` is not used;
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward (``kfade.models.checkpointing``)."""
     check_source(path, key)
     device, dtype, _ = resolve_device(device, dtype)
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **placement)
     except OSError as e:  # a Hub id that does not exist or cannot be reached, an unreadable weights file
         raise ConfigError(key, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
+    except (ValueError, RuntimeError) as e:
+        if device_map is None:
+            raise
+        raise ConfigError("model.device_map", device_map, str(e).splitlines()[0]) from None
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model, tokenizer

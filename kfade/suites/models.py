@@ -61,8 +61,9 @@ def load_pair(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress:
     else:
         reference_path = cfg.path
         retrain_paths = [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
-    reference, tokenizer = load_model(reference_path, cfg.dtype, cfg.device, key="model.path")
-    retrains = [load_model(p, cfg.dtype, cfg.device, key="model.retrain_path")[0] for p in retrain_paths]
+    options = {"device_map": cfg.device_map, "gradient_checkpointing": cfg.gradient_checkpointing}
+    reference, tokenizer = load_model(reference_path, cfg.dtype, cfg.device, key="model.path", **options)
+    retrains = [load_model(p, cfg.dtype, cfg.device, key="model.retrain_path", **options)[0] for p in retrain_paths]
     return reference, tokenizer, retrains, reference_path, retrain_paths
 
 
