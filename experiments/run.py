@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import hydra
 import transformers
+from dry_run import print_plan
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,7 @@ from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
+from kfade.eval.objective import ObjectiveConfig, objective_from_run
 from kfade.models.load import resolve_device
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.suites import build_suite
@@ -90,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if method_name != "none" and method_name not in METHODS:
         raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
     method = None if method_name == "none" else configured_method(cfg)  # every config checked before any work
+    if cfg.dry_run:  # the memory plan from the model's config alone: no weights, no data
+        return print_plan(cfg, method)
     print(header(cfg, model_cfg, dataset_cfg, run_dir), flush=True)
     for notice in notices:  # stdout, with the header: stderr stays one line for errors
         print(f"note: {notice}", flush=True)
@@ -162,16 +166,19 @@ def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the sweeper's objective (``objective.*``, read from results.json); None for a dry run."""
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg.progress = bool(cfg.progress) and sys.stderr.isatty()  # bars only where a person watches them
     try:
+        objective = typed(cfg.objective, ObjectiveConfig, "objective")
         run(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    return None if cfg.dry_run else objective_from_run(run_dir, objective)
 
 
 if __name__ == "__main__":
