@@ -9,11 +9,11 @@ device; the arithmetic is ``kfade.plan``. ``placement_fields(cfg)`` gives the re
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
-import psutil
 import torch
 from omegaconf import DictConfig
 from schema import ModelConfig, typed
@@ -70,7 +70,8 @@ def planned_device(device: str, dtype: str) -> tuple[str, list[str]]:
 
 def budgets(memory: MemoryConfig, device: str) -> tuple[float | None, float, str]:
     """(device bytes or None when unknown, host bytes, where they came from)."""
-    cpu = memory.cpu_gb * GB if memory.cpu_gb is not None else float(psutil.virtual_memory().total)
+    machine = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    cpu = memory.cpu_gb * GB if memory.cpu_gb is not None else machine
     if memory.gpu_gb is not None:
         gpu, src = memory.gpu_gb * GB, "memory.gpu_gb"
     elif device.startswith("cuda") and torch.cuda.is_available():
