@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arch = architecture(config, DEFAULT_MODULES)
     work = Workload(method="kfade", estimator="ekfac", solver="cg", model_dtype="bfloat16", device=device,
-                    batch_size=batch, max_length=length, weight_copies=("model",))
+                    batch_size=batch, max_length=length, weight_copies=("model",), host_weight_copies=())
     plan = plan_memory(arch, work, Placement())
     planned = plan.peak("device")
     what = "GPU memory (max allocated)" if device.startswith("cuda") else "host RSS (incl. the Python process)"

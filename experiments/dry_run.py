@@ -87,7 +87,7 @@ def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Arc
     if model.path is None or (model.retrain_path and not is_log_dir(model.retrain_path)):
         copies += ["retrain model"] + (["noise-floor retrain model"] if cfg.noise_floor else [])
     if name != "none":
-        copies += ["unlearned copy", "pre-step copy (run.py)"]
+        copies.append("unlearned copy")
     frozen = (name == "rmu" and method.cfg.alpha > 0) or (
         name == "grad_diff" and method.cfg.retain_loss == "kl" and method.cfg.retain_weight > 0)
     if frozen:
@@ -100,7 +100,8 @@ def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Arc
     return Workload(method=kind, estimator=cfg.curvature.estimator, solver=cfg.method.get("solver", "direct"),
                     model_dtype=model.dtype, device=device, batch_size=int(cfg.dataset.batch_size),
                     max_length=int(cfg.dataset.max_length), mc_samples=int(cfg.curvature.get("mc_samples", 1)),
-                    weight_copies=tuple(copies), trained_params=trained)
+                    weight_copies=tuple(copies), trained_params=trained,
+                    host_weight_copies=("pre-step copy (run.py)",) if name != "none" else ())
 
 
 def plan_run(cfg: DictConfig, method=None) -> dict:

@@ -133,7 +133,7 @@ def configured_method(cfg: DictConfig):
 def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     """Run the method on a copy of the reference model; save its delta and score it."""
     model = copy.deepcopy(suite.reference)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # host: frees the device
     t0 = time.perf_counter()
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0

@@ -44,7 +44,8 @@ class Workload:
     batch_size: int = 4
     max_length: int = 512
     mc_samples: int = 1  # output-gradient signals per token in the fit
-    weight_copies: tuple[str, ...] = ("reference", "unlearned copy", "pre-step copy (run.py)")
+    weight_copies: tuple[str, ...] = ("reference", "unlearned copy")  # whole models on the device
+    host_weight_copies: tuple[str, ...] = ("pre-step copy (run.py)",)  # whole models in host memory
     trained_params: int | None = None  # first-order: parameters the optimiser updates (None: all)
 
 
@@ -155,6 +156,8 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
     weights = arch.n_params * b
     for copy in w.weight_copies:
         p.add(f"weights: {copy} ({w.model_dtype})", weights, "device", "all")
+    for copy in w.host_weight_copies:
+        p.add(f"weights: {copy} ({w.model_dtype})", weights, "cpu", "step")
     p.add(f"weights: loading one model on the host ({w.model_dtype})", weights, "cpu", "load")
     t = factor_totals(arch)
     if w.method == "first_order":
