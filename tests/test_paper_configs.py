@@ -121,3 +121,18 @@ def test_wmdp_paper_table_keeps_mmlu_within_the_drop(tmp_path):
     rows = paper_table(tmp_path, "wmdp").splitlines()
     assert rows[0] == "| method | bio wmdp_bio | bio wmdp_cyber | bio mmlu |"
     assert "| rmu | 0.31 | 0.41 | 0.57 |" in rows and "| reference | 0.64 | 0.44 | 0.58 |" in rows
+
+
+def test_placement_fields_are_the_curvature_config_fields_the_plan_chose():
+    from dry_run import placement_fields
+
+    cfg = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
+                   "method.solver=direct", "memory.gpu_gb=141", "memory.cpu_gb=512")
+    fields = placement_fields(cfg)
+    assert fields == {"factor_dtype": "float32", "offload": "cpu", "offload_dir": None, "layer_groups": 4,
+                      "checkpoint_every": None}
+    forced = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
+                      "memory.gpu_gb=141", "memory.offload=disk", "memory.layer_groups=2",
+                      "memory.offload_dir=/scratch")
+    assert placement_fields(forced) == {"factor_dtype": "float32", "offload": "disk", "offload_dir": "/scratch",
+                                        "layer_groups": 2, "checkpoint_every": None}

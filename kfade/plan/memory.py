@@ -165,11 +165,11 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
         p.add(f"AdamW gradient + 2 moments ({w.model_dtype})", ADAMW_STATES * trained * b, "device", "step")
         p.add("activations, one batch (estimate)", activation_bytes(arch, w, False, False), "device", "step")
         return p
-    if w.method != "kfade":
-        p.add("activations, one batch, no grad (estimate)", activation_bytes(arch, w, False, False) // 2,
-              "device", "step")
+    if w.method != "kfade":  # evaluation only: no gradients, so this bounds it from above
+        p.add("activations, one batch (estimate, upper bound)", activation_bytes(arch, w, False, False), "device",
+              "step")
         return p
-    _curvature_items(p, arch, w, placement, t)
+    _curvature_items(p, arch, w, placement)
     p.add("forget gradient (fp32)", 4 * t["params"], "device", "step")
     p.add("K-FADE direction (fp32)", 4 * t["params"], "device", "step")
     if w.solver == "cg":
@@ -183,7 +183,10 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
     return p
 
 
-def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: Placement, t: dict) -> None:
+def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: Placement) -> None:
+    """The fit's sums and workspaces, and the stored curvature where ``placement`` keeps it. The fit holds the
+    first pass's sums until it returns, so at its end the sums, the stored tensors (and the EK-FAC Λ* sums beside
+    Λ*) coexist: that is the fit phase's total."""
     if w.estimator == "identity":
         return
     fb = DTYPE_BYTES[placement.factor_dtype]
