@@ -42,6 +42,7 @@ def fixture_configs() -> dict[str, Path]:
 
 
 def model_architecture(model: ModelConfig, modules: str) -> tuple[Architecture, str]:
+    """(the covered layers and size of ``model``, where its config came from)."""
     if model.path is None:  # the embedded tiny Llama: its config is the spec
         spec = LlamaConfig(vocab_size=model.vocab_size, **vars(model.spec))
         return architecture(spec, modules), "tiny Llama spec"
@@ -82,6 +83,8 @@ def budgets(memory: MemoryConfig, device: str) -> tuple[float | None, float, str
 
 
 def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Architecture) -> Workload:
+    """What the run holds (experiments/run.py and the suites): the reference, the retrain model(s) when loaded as
+    models, the method's copy and frozen reference; the pre-step copy of the weights in host memory."""
     name = cfg.method.name
     copies = ["reference"]
     if model.path is None or (model.retrain_path and not is_log_dir(model.retrain_path)):
