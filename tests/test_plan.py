@@ -2,16 +2,17 @@
 ``fit_curvature`` stores on tiny models, the placement search, and the ``dry_run=true`` entry point."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, PhiConfig, PhiForCausalLM
 
 from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.curvature.config import DEFAULT_MODULES
+from kfade.errors import ConfigError
 from kfade.plan import (
     GB,
     MemoryConfig,
@@ -28,6 +29,7 @@ from kfade.plan.memory import CG_VECTORS, layer_chunks
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "conf" / "fixtures" / "models"
 LLAMA2 = FIXTURES / "locuslab--tofu_ft_llama2-7b"
+sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +123,29 @@ def test_placement_is_the_cheapest_that_fits(llama2):
     assert (forced.offload, forced.layer_groups, fits) == ("none", 1, False)
 
 
-def test_dry_run_prints_the_plan_of_the_7b_experiment_without_network_or_weights():
-    out = subprocess.run([sys.executable, "experiments/run.py", "experiment=tofu_llama2_7b", "dry_run=true",
-                          "memory.gpu_gb=141", "memory.cpu_gb=512"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert "K-FAC factors A + S, fp32, shared A once: 63.71 GB" in out.stdout
-    assert "conf/fixtures/models/locuslab--tofu_ft_llama2-7b" in out.stdout
-    assert re.fullmatch(r"total peak: \d+\.\d\d GB on cuda, \d+\.\d\d GB on cpu", lines[-1])
+def test_dry_run_prints_the_plan_of_the_7b_experiment_without_network_or_weights(capsys, tmp_path):
+    """``run(cfg)`` with ``dry_run=true`` (in-process; tests/test_scale_slow.py runs the same through the CLI)."""
+    from run import run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=tofu_llama2_7b", "dry_run=true",
+                                                       "method.solver=direct", "memory.gpu_gb=141",
+                                                       "memory.cpu_gb=512"])
+    info = run(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "K-FAC factors A + S, fp32, shared A once: 63.71 GB" in out
+    assert "conf/fixtures/models/locuslab--tofu_ft_llama2-7b" in out and info["fits"]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"total peak: \d+\.\d\d GB on cuda, \d+\.\d\d GB on cpu", last)
+    plan = info["plan"]
+    assert last == f"total peak: {plan.peak('device') / GB:.2f} GB on cuda, {plan.peak('cpu') / GB:.2f} GB on cpu"
+    assert not list(tmp_path.iterdir())  # nothing written, nothing loaded
+
+
+def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):
+    from run import run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=hf", "model.path=org/not-here", "dry_run=true"])
+    with pytest.raises(ConfigError, match=r"model.path='org/not-here': config not available offline"):
+        run(cfg, tmp_path)

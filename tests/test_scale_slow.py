@@ -1,6 +1,7 @@
 """Slow end-to-end checks of the paper-scale tooling (deselected by default; ``pytest -m slow``)."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,16 @@ def test_optuna_mini_sweep_on_the_tiny_default(tmp_path):
     assert "best_value" in best and "method.step_size" in best
     value = float(best.split("best_value:")[1].split()[0])
     assert math.isfinite(value) and value >= 0
+
+
+def test_dry_run_cli_of_the_7b_experiment():
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "experiments/run.py", "experiment=tofu_llama2_7b", "dry_run=true",
+                          "memory.gpu_gb=141"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "shared A once: 63.71 GB" in out.stdout
+    assert re.fullmatch(r"total peak: \d+\.\d\d GB on cuda, \d+\.\d\d GB on cpu", out.stdout.strip().splitlines()[-1])
+    bad = subprocess.run([sys.executable, "experiments/run.py", "model=hf", "model.path=org/not-here", "dry_run=true"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model.path='org/not-here'")
+    assert len(bad.stderr.strip().splitlines()) == 1
