@@ -30,6 +30,7 @@ from kfade.plan import (
     load_model_config,
     resolve_placement,
 )
+from kfade.plan.memory import PHASES
 from kfade.suites.models import is_log_dir
 
 FIXTURES = Path(__file__).resolve().parent.parent / "conf" / "fixtures" / "models"
@@ -177,7 +178,11 @@ def print_plan(cfg: DictConfig, method=None) -> dict:
     print("| item | phase | on | GB |\n|---|---|---|---|")
     for item in plan.items:
         where = work.device if item.where == "device" else item.where
-        print(f"| {item.name} | {item.phase} | {where} | {_gb(item.nbytes)} |")
+        phases = "all" if item.phases == PHASES else " + ".join(item.phases)
+        print(f"| {item.name} | {phases} | {where} | {_gb(item.nbytes)} |")
+    totals = ", ".join(f"{ph} {_gb(plan.total('device', ph))} / {_gb(plan.total('cpu', ph))}" for ph in PHASES
+                       if plan.total("device", ph) or plan.total("cpu", ph))
+    print(f"by phase, GB on {work.device} / cpu: {totals}")
     gpu = "unknown" if info["gpu"] is None else f"{_gb(info['gpu'])} GB"
     chosen = "forced" if info["memory"].offload != "auto" and info["memory"].layer_groups is not None else "auto"
     print(f"budget: {gpu} on {work.device}, {_gb(info['cpu'])} GB on cpu ({info['budget_source']})")

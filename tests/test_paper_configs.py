@@ -129,7 +129,7 @@ def test_placement_fields_are_the_curvature_config_fields_the_plan_chose():
     cfg = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
                    "method.solver=direct", "memory.gpu_gb=141", "memory.cpu_gb=512")
     fields = placement_fields(cfg)
-    assert fields == {"factor_dtype": "float32", "offload": "cpu", "offload_dir": None, "layer_groups": 4,
+    assert fields == {"factor_dtype": "float32", "offload": "cpu", "offload_dir": None, "layer_groups": 2,
                       "checkpoint_every": None}
     forced = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
                       "memory.gpu_gb=141", "memory.offload=disk", "memory.layer_groups=2",

@@ -98,7 +98,8 @@ def test_step_items_and_layer_groups(llama2):
     cg_item = next(i for n, i in cg.items() if n.startswith("CG vectors"))
     assert cg_item.nbytes == CG_VECTORS * 4 * params and not any(n.startswith("CG") for n in direct)
     assert cg["forget gradient (fp32)"].nbytes == cg["K-FADE direction (fp32)"].nbytes == 4 * params
-    assert [len(c) for c in layer_chunks(10, 4)] == [3, 3, 2, 2]
+    names = ["l.0.attn.q", "l.0.attn.k", "l.0.mlp.up", "l.1.attn.q", "l.1.mlp.up"]  # whole modules stay together
+    assert layer_chunks(names, 2) == [[0, 1, 2], [3, 4]] and len(layer_chunks(names, 9)) == 4
 
     def sums(groups):
         plan = plan_memory(llama2, Workload(estimator="kfac"), Placement(layer_groups=groups))

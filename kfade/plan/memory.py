@@ -5,10 +5,10 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
 ``experiments/run.py``):
 
 - K-FAC factors: A = E[ā āᵀ] (in'×in') once per activation group (q/k/v and gate/up share theirs) and
-  S = E[g gᵀ] (out×out) per layer. The fit accumulates their sums in fp32, then eigendecomposes each in fp64
-  and stores the eigenvectors (same sizes as the factors) at the factor dtype, plus the eigenvalues
-  (K-FAC: vectors λ_A, λ_S; EK-FAC: the corrected Λ* of shape out×in' per layer, summed in fp32 in a second
-  pass while the first pass's sums are still held). Diagonal: D (out×in') per layer.
+  S = E[g gᵀ] (out×out) per layer. The fit accumulates their sums in fp32 (per layer group), then
+  eigendecomposes each in fp64 and stores the eigenvectors (same sizes as the factors) at the factor dtype, plus
+  the eigenvalues (K-FAC: vectors λ_A, λ_S; EK-FAC: the corrected Λ* of shape out×in' per layer, summed in fp32
+  in a second pass). Diagonal: D (out×in') per layer.
 - The forget gradient and the K-FADE direction: one fp32 value per covered parameter each.
 - PCG (``kfade.curvature.cg``): x, r, z = M r, p, the product (G+λI)p, and during the update the new x and r
   beside the old ones: 7 vectors of the covered parameters at peak (fp32).
@@ -20,6 +20,7 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from kfade.plan.architecture import Architecture
@@ -27,7 +28,7 @@ from kfade.plan.config import Placement
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
-PHASES = ("load", "fit", "step")
+PHASES = ("load", "fit", "correction", "step")  # fit: factor pass + eigh (diagonal: its pass); correction: EK-FAC
 CG_VECTORS = 7  # x, r, z, p, (G+λI)p, new x, new r (see kfade.curvature.cg)
 ADAMW_STATES = 3  # gradient, exp_avg, exp_avg_sq at the parameter dtype (first-order baselines)
 
@@ -54,7 +55,7 @@ class Item:
     name: str
     nbytes: int
     where: str  # device | cpu | disk
-    phase: str  # load | fit | step | all
+    phases: tuple[str, ...]  # of PHASES
 
 
 @dataclass
@@ -64,15 +65,16 @@ class MemoryPlan:
     device: str
     items: list[Item] = field(default_factory=list)
 
-    def add(self, name: str, nbytes: float, where: str, phase: str) -> None:
+    def add(self, name: str, nbytes: float, where: str, *phases: str) -> None:
+        """An item held during ``phases`` (``"all"``: every phase)."""
         if nbytes > 0:
-            self.items.append(Item(name, int(nbytes), where, phase))
+            self.items.append(Item(name, int(nbytes), where, PHASES if phases == ("all",) else phases))
 
     def _at(self, item: Item, where: str) -> bool:
         return item.where == where or (where == "cpu" and item.where == "device" and self.device == "cpu")
 
     def total(self, where: str, phase: str) -> int:
-        return sum(i.nbytes for i in self.items if self._at(i, where) and i.phase in (phase, "all"))
+        return sum(i.nbytes for i in self.items if self._at(i, where) and phase in i.phases)
 
     def peak(self, where: str) -> int:
         if where == "disk":
@@ -111,27 +113,22 @@ def layer_rows(arch: Architecture, estimator: str, factor_bytes: int) -> list[di
     return rows
 
 
-def layer_chunks(n: int, groups: int) -> list[range]:
-    """``groups`` contiguous ranges of near-equal length over ``n`` layers (the first ``n % groups`` one longer)."""
-    groups = max(1, min(groups, n))
-    size, extra = divmod(n, groups)
-    bounds = [0]
-    for k in range(groups):
-        bounds.append(bounds[-1] + size + (k < extra))
-    return [range(bounds[k], bounds[k + 1]) for k in range(groups)]
+def layer_chunks(names: list[str], groups: int) -> list[list[int]]:
+    """``curvature.layer_groups``: ``groups`` contiguous groups of whole parent modules (the layers of one
+    attention or MLP stay together), as indices into ``names``; at most one group per module."""
+    units = [list(g) for _, g in itertools.groupby(range(len(names)), key=lambda i: names[i].rpartition(".")[0])]
+    groups = max(1, min(groups, len(units)))
+    return [[i for unit in units[k * len(units) // groups : (k + 1) * len(units) // groups] for i in unit]
+            for k in range(groups)]
 
 
-def _chunk_bytes(rows: list[dict], chunk: range, estimator: str, per: int) -> int:
-    """Bytes (``per`` per element) of one layer group's fit sums: the A of every group its layers read (once),
-    their S, and for EK-FAC / diagonal the out×in' sums."""
+def _chunk_elements(rows: list[dict], chunk: list[int], what: str) -> int:
+    """Elements of one layer group's sums: ``factors`` (the A of every activation group its layers read, once,
+    and their S) or ``outer`` (out × in' per layer: EK-FAC's Λ*, the diagonal's D)."""
     layers = [rows[i] for i in chunk]
-    a_groups = {r["group"]: r["in"] for r in layers} if estimator in ("kfac", "ekfac") else {}
-    total = sum(n * n for n in a_groups.values())
-    if estimator in ("kfac", "ekfac"):
-        total += sum(r["out"] ** 2 for r in layers)
-    if estimator in ("ekfac", "diagonal"):
-        total += sum(r["params"] for r in layers)
-    return per * total
+    if what == "outer":
+        return sum(r["params"] for r in layers)
+    return sum(n * n for n in {r["group"]: r["in"] for r in layers}.values()) + sum(r["out"] ** 2 for r in layers)
 
 
 def activation_bytes(arch: Architecture, w: Workload, fit: bool, eager_attention: bool) -> int:
@@ -184,38 +181,40 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
 
 
 def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: Placement) -> None:
-    """The fit's sums and workspaces, and the stored curvature where ``placement`` keeps it. The fit holds the
-    first pass's sums until it returns, so at its end the sums, the stored tensors (and the EK-FAC Λ* sums beside
-    Λ*) coexist: that is the fit phase's total."""
+    """The fit's sums, workspaces and the stored curvature where ``placement`` keeps it (``kfade.curvature.fit``):
+    per layer group, the factor pass holds its fp32 A/S sums (released one layer at a time into the eigh), the
+    EK-FAC correction pass its fp32 Λ* sums and the group's eigenbases (fp32 copies on the device unless the
+    stored ones are already that); stored layers accumulate where ``offload`` puts them (counted whole)."""
     if w.estimator == "identity":
         return
     fb = DTYPE_BYTES[placement.factor_dtype]
     rows = layer_rows(arch, w.estimator, fb)
     stored = sum(r["A"] + r["S"] + r["eig"] for r in rows)
-    chunks = layer_chunks(len(rows), placement.layer_groups)
-    sums = max(_chunk_bytes(rows, c, w.estimator, 4) for c in chunks)
-    groups = f", 1 of {len(chunks)} layer groups" if len(chunks) > 1 else ""
-    parts = {"kfac": "A, S", "ekfac": "A, S and the EK-FAC pass's Λ*", "diagonal": "D"}[w.estimator]
-    p.add(f"factor sums during the fit ({parts}; fp32{groups})", sums, "device", "fit")
+    one_layer = max(r["A"] + r["S"] + r["eig"] for r in rows)
+    chunks = layer_chunks([r["name"] for r in rows], placement.layer_groups)
+    of_groups = f", 1 of {len(chunks)} layer groups" if len(chunks) > 1 else ""
+    first = "outer" if w.estimator == "diagonal" else "factors"
+    p.add(f"factor sums ({'D' if first == 'outer' else 'A, S'}; fp32{of_groups})",
+          4 * max(_chunk_elements(rows, c, first) for c in chunks), "device", "fit")
     if w.estimator in ("kfac", "ekfac"):
         largest = max(max(r["in"], r["out"]) for r in rows)
         p.add("eigh workspace, largest factor (fp64 × 3)", 3 * 8 * largest**2, "device", "fit")
+    fit_phases = ("fit", "correction") if w.estimator == "ekfac" else ("fit",)
     p.add("activations + captured inputs / output grads, one batch (estimate)",
-          activation_bytes(arch, w, True, False), "device", "fit")
+          activation_bytes(arch, w, True, False), "device", *fit_phases)
+    if w.estimator == "ekfac":
+        p.add(f"EK-FAC Λ* sums (fp32{of_groups})", 4 * max(_chunk_elements(rows, c, "outer") for c in chunks),
+              "device", "correction")
+        copies = placement.offload != "none" or fb != 4
+        bases = max(sum(4 * (rows[i]["A"] + rows[i]["S"]) // fb for i in c) for c in chunks)
+        p.add("eigenbases of the group being corrected (fp32 copies)", bases if copies else 0, "device", "correction")
     name = f"curvature, {w.estimator} as stored ({placement.factor_dtype})"
-    one_layer = max(r["A"] + r["S"] + r["eig"] for r in rows)
     if placement.offload == "none":
-        p.add(name, stored, "device", "fit")
-        p.add(name, stored, "device", "step")
+        p.add(name, stored, "device", *fit_phases, "step")
         return
-    bases = max(sum(rows[i]["A"] + rows[i]["S"] for i in c) for c in chunks)
-    p.add("curvature bases of the group being corrected (streamed)", bases if w.estimator == "ekfac" else 0,
-          "device", "fit")
     p.add("curvature, one layer streamed to the device", one_layer, "device", "step")
     if placement.offload == "cpu":
-        p.add(name + ", pinned host memory", stored, "cpu", "fit")
-        p.add(name + ", pinned host memory", stored, "cpu", "step")
+        p.add(name + ", pinned host memory", stored, "cpu", *fit_phases, "step")
     else:
         p.add(name + f", on disk ({placement.offload_dir or 'curvature cache'})", stored, "disk", "all")
-        p.add("curvature, one layer staged in host memory", one_layer, "cpu", "step")
-        p.add("curvature, one layer group staged in host memory", bases, "cpu", "fit")
+        p.add("curvature, one layer passing through host memory", one_layer, "cpu", *fit_phases, "step")

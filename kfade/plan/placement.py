@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kfade.plan.architecture import Architecture
 from kfade.plan.config import OFFLOADS, MemoryConfig, Placement
-from kfade.plan.memory import MemoryPlan, Workload, plan_memory
+from kfade.plan.memory import PHASES, MemoryPlan, Workload, layer_chunks, plan_memory
 
 
 def _group_counts(n_layers: int) -> list[int]:
@@ -24,10 +24,11 @@ def resolve_placement(arch: Architecture, workload: Workload, memory: MemoryConf
     Candidates, cheapest first: offload none, cpu, disk (each layer streamed from the host costs a transfer;
     from disk a read); for each, 1, 2, 4, … layer groups (each group costs one more pass over the fitting data).
     ``memory.offload`` / ``memory.layer_groups`` fix one axis. When nothing fits, the candidate with the
-    smallest device peak (then host peak) is returned with ``fits`` False.
+    smallest device peak is returned with ``fits`` False (ties: the smaller next-largest phase, then host peak).
     """
     offloads = OFFLOADS if memory.offload == "auto" else (memory.offload,)
-    groups = _group_counts(len(arch.layers)) if memory.layer_groups is None else [int(memory.layer_groups)]
+    modules = len(layer_chunks([s.name for s in arch.layers], len(arch.layers)))  # the most groups there can be
+    groups = _group_counts(modules) if memory.layer_groups is None else [int(memory.layer_groups)]
     best = None
     for offload in offloads:
         for g in groups:
@@ -35,7 +36,7 @@ def resolve_placement(arch: Architecture, workload: Workload, memory: MemoryConf
             plan = plan_memory(arch, workload, placement)
             if plan.fits(device_budget, cpu_budget):
                 return placement, plan, True
-            key = (plan.peak("device"), plan.peak("cpu"))
+            key = (sorted((plan.total("device", ph) for ph in PHASES), reverse=True), plan.peak("cpu"))
             if best is None or key < best[0]:
                 best = (key, placement, plan)
     return best[1], best[2], False
