@@ -189,10 +189,12 @@ def print_plan(cfg: DictConfig, method=None) -> dict:
     print(f"placement ({chosen}): offload={placement.offload}, layer_groups={placement.layer_groups}, "
           f"factor_dtype={placement.factor_dtype}" + (f", {_gb(plan.peak('disk'))} GB on disk"
                                                        if plan.peak("disk") else ""))
-    if info["gpu"] is None and work.device != "cpu":
-        print(f"fits: unknown (no {work.device} budget known, taken as unbounded; set memory.gpu_gb)")
+    if not info["fits"]:
+        print("does NOT fit the budget (the placement with the smallest peaks is shown)")
+    elif info["gpu"] is None and work.device != "cpu":
+        print(f"fits the cpu budget; the {work.device} budget is unknown (taken as unbounded: set memory.gpu_gb)")
     else:
-        print("fits the budget" if info["fits"] else "does NOT fit the budget (the smallest placement is shown)")
+        print("fits the budget")
     print(f"total peak: {_gb(plan.peak('device'))} GB on {work.device}, {_gb(plan.peak('cpu'))} GB on cpu")
     return info
 
