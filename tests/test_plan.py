@@ -150,3 +150,9 @@ def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):
         cfg = compose(config_name="config", overrides=["model=hf", "model.path=org/not-here", "dry_run=true"])
     with pytest.raises(ConfigError, match=r"model.path='org/not-here': config not available offline"):
         run(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value"), [("gpu_gb", -1.0), ("offload", "tape"), ("layer_groups", 0)])
+def test_bad_memory_settings_are_one_line_errors(field, value):
+    with pytest.raises(ConfigError, match=rf"^memory.{field}="):
+        MemoryConfig(**{field: value})
