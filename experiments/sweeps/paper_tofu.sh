@@ -14,12 +14,13 @@ MODEL=${1:?usage: paper_tofu.sh llama2_7b|phi15 RETAIN_ROOT [SWEEP_DIR] [overrid
 RETAIN_ROOT=${2:?give RETAIN_ROOT (its retain99 / retain95 / retain90 subdirectories)}
 DIR=${3:-multirun/paper_tofu_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
 EXTRA=("${@:4}")
+SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; SOLVERS=direct at 7–8B (CG does not fit one GPU: dry_run=true)
 for pair in forget01:retain99 forget05:retain95 forget10:retain90; do
   split=${pair%%:*}
   common=(experiment="paper_tofu_$MODEL" dataset.forget_split="$split" model.retrain_path="$RETAIN_ROOT/${pair#*:}"
           progress=false)
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$split/kfade" method=kfade \
-    method.solver=direct,cg method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
+    method.solver="$SOLVERS" method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
     "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$split/baselines" \
     method=grad_ascent,grad_diff,npo "${EXTRA[@]}"

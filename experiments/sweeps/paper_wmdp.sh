@@ -13,12 +13,13 @@ MODEL=${1:?usage: paper_wmdp.sh zephyr|llama3_8b WMDP_DIR [SWEEP_DIR] [overrides
 WMDP_DIR=${2:?give WMDP_DIR}
 DIR=${3:-multirun/paper_wmdp_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
 EXTRA=("${@:4}")
+SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; SOLVERS=direct at 7–8B (CG does not fit one GPU: dry_run=true)
 for pair in bio:bio_remove_dataset cyber:cyber-forget-corpus; do
   corpus=${pair%%:*}
   common=(experiment="paper_wmdp_$MODEL" dataset.source="$WMDP_DIR" "dataset.forget_corpora=[${pair#*:}]"
           progress=false)
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/kfade" method=kfade \
-    method.solver=direct,cg method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
+    method.solver="$SOLVERS" method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
     "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/rmu" method=rmu "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/ga" method=grad_ascent method.epochs=1 \
