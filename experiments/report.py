@@ -3,7 +3,9 @@
 Prints the markdown table of every job's results.json (and the broken jobs it skipped), and writes
 ``report.md``, ``report.csv`` and ``pareto.png`` into the sweep directory. With ``--tofu-logs DIR
 --retain-logs DIR`` it instead re-aggregates a pair of TOFU eval-log directories and prints the flat metrics
-as JSON. Bad input: one line on stderr, exit code 2.
+as JSON. With ``--paper tofu|wmdp`` it prints the paper table of a paper sweep (``experiments/sweeps/paper_*.sh``:
+one subdirectory per forget split / corpus) and writes it to ``paper.md``. Bad input: one line on stderr, exit
+code 2.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from kfade.cache import atomic_path
 from kfade.errors import ConfigError
+from kfade.eval.paper_table import TABLES, paper_table
 from kfade.eval.report import aggregate_log_dirs, write_report
 
 
@@ -22,6 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("sweep_dir", nargs="?", help="a multirun (or single run) directory")
     parser.add_argument("--tofu-logs", metavar="DIR", help="TOFU eval-log dir of the model to score")
     parser.add_argument("--retain-logs", metavar="DIR", help="TOFU eval-log dir of the retain model")
+    parser.add_argument("--paper", choices=sorted(TABLES), help="the paper table of a paper sweep dir")
     args = parser.parse_args(argv)
     log_mode = args.tofu_logs is not None or args.retain_logs is not None
     if log_mode and (args.tofu_logs is None or args.retain_logs is None or args.sweep_dir is not None):
@@ -36,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tofu_logs is not None:
             print(json.dumps(aggregate_log_dirs(args.tofu_logs, args.retain_logs), indent=2, sort_keys=True))
+        elif args.paper is not None:
+            table = paper_table(args.sweep_dir, args.paper)
+            with atomic_path(Path(args.sweep_dir) / "paper.md") as tmp:
+                tmp.write_text(table)
+            print(table, end="")
+            print(f"\nwritten: {Path(args.sweep_dir) / 'paper.md'}")
         else:
             _, markdown = write_report(args.sweep_dir)
             print(markdown, end="")

@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import hydra
 import transformers
+from dry_run import planned_curvature, print_plan
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +32,7 @@ from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
+from kfade.eval.objective import ObjectiveConfig, objective_from_run
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.preflight import check_run
 from kfade.suites import build_suite
@@ -107,12 +109,16 @@ def validated(cfg: DictConfig) -> Checked:
     if method_name != "none" and method_name not in METHODS:
         raise ConfigError("method.name", method_name, f"unknown method; choose one of {sorted(METHODS)} or none")
     method = None if method_name == "none" else configured_method(cfg, options.progress)
+    if options.dry_run:  # the plan reads the model's config only: no device, path or data checks
+        return Checked(model_cfg, dataset_cfg, eval_cfg, logger_cfg, options, method, [])
     model_cfg, notices = check_run(model_cfg, dataset_cfg, eval_cfg)  # devices, paths, names, lm-eval tasks
     return Checked(model_cfg, dataset_cfg, eval_cfg, logger_cfg, options, method, notices)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     checked = validated(cfg)  # every config checked before any work
+    if checked.options.dry_run:  # the memory plan from the model's config alone: no weights, no data
+        return print_plan(cfg, checked.method)
     require_unfinished(run_dir)
     model_cfg, dataset_cfg, logger_cfg, method = checked.model, checked.dataset, checked.logger, checked.method
     cfg.progress, noise_floor = checked.options.progress, checked.options.noise_floor
@@ -159,7 +165,9 @@ def configured_method(cfg: DictConfig, progress: bool):
 def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     """Run the method on a copy of the reference model; save its delta and score it."""
     model = copy.deepcopy(suite.reference)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if getattr(method, "uses_curvature", False):  # the factors' placement (offload, layer groups) from the plan
+        method.curvature_cfg = planned_curvature(cfg, method)
+    before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # host: frees the device
     t0 = time.perf_counter()
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
@@ -194,16 +202,19 @@ def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the sweeper's objective (``objective.*``, read from results.json); None for a dry run."""
     start()  # torchrun: join the process group (rank 0 alone writes)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        objective = typed(cfg.objective, ObjectiveConfig, "objective")
         run(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    return None if cfg.dry_run else objective_from_run(run_dir, objective)
 
 
 if __name__ == "__main__":

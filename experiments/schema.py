@@ -43,6 +43,7 @@ class RunOptions:
     seed: int = 0
     noise_floor: bool = False
     progress: bool = True
+    dry_run: bool = False
     reapply: ReapplyConfig = field(default_factory=ReapplyConfig)
 
     def validate(self) -> None:

@@ -1,0 +1,220 @@
+"""Bytes a run holds, item by item, per phase and per device: pure functions of layer shapes and settings.
+
+Units: bytes; GB = 1e9 bytes. Shapes: a covered layer y = W̄ [a; 1] has W̄ of (out, in') with in' = in (+1 with a
+bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / ``cg``, ``kfade.unlearn.kfade``,
+``experiments/run.py``):
+
+- K-FAC factors: A = E[ā āᵀ] (in'×in') once per activation group (q/k/v and gate/up share theirs) and
+  S = E[g gᵀ] (out×out) per layer. The fit accumulates their sums in fp32 (per layer group), then
+  eigendecomposes each in fp64 and stores the eigenvectors (same sizes as the factors) at the factor dtype, plus
+  the eigenvalues (K-FAC: vectors λ_A, λ_S; EK-FAC: the corrected Λ* of shape out×in' per layer, summed in fp32
+  in a second pass). Diagonal: D (out×in') per layer.
+- The forget gradient and the K-FADE direction: one fp32 value per covered parameter each.
+- PCG (``kfade.curvature.cg``): x, r, z = M r, p, the product (G+λI)p, and during the update the new x and r
+  beside the old ones: 7 vectors of the covered parameters at peak (fp32).
+- Activations of one batch (N = batch × length tokens) are an estimate: the inputs (shared ones once) and
+  outputs of every covered linear at the model dtype, the fp32 logits, their softmax and gradient; for the fit
+  also the captured fp32 inputs and output gradients (× MC samples); for GGN products (eager attention) the
+  attention probabilities and scores of every layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from kfade.plan.architecture import Architecture
+from kfade.plan.config import Placement
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
+PHASES = ("load", "fit", "correction", "step")  # fit: factor pass + eigh (diagonal: its pass); correction: EK-FAC
+CG_VECTORS = 7  # x, r, z, p, (G+λI)p, new x, new r (see kfade.curvature.cg)
+ADAMW_STATES = 3  # gradient, exp_avg, exp_avg_sq at the parameter dtype (first-order baselines)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run does, as far as memory goes (from its composed config)."""
+
+    method: str = "kfade"  # kfade | first_order | none
+    estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity
+    solver: str = "cg"  # cg | direct
+    model_dtype: str = "bfloat16"
+    device: str = "cuda"  # the model's device; "cpu" puts every device item on the host
+    batch_size: int = 4
+    max_length: int = 512
+    mc_samples: int = 1  # output-gradient signals per token in the fit
+    weight_copies: tuple[str, ...] = ("reference", "unlearned copy")  # whole models on the device
+    host_weight_copies: tuple[str, ...] = ("pre-step copy (run.py)",)  # whole models in host memory
+    trained_params: int | None = None  # first-order: parameters the optimiser updates (None: all)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    nbytes: int
+    where: str  # device | cpu | disk
+    phases: tuple[str, ...]  # of PHASES
+
+
+@dataclass
+class MemoryPlan:
+    """The items of a run; ``peak(where)`` is the largest phase total there."""
+
+    device: str
+    items: list[Item] = field(default_factory=list)
+
+    def add(self, name: str, nbytes: float, where: str, *phases: str) -> None:
+        """An item held during ``phases`` (``"all"``: every phase)."""
+        if nbytes > 0:
+            self.items.append(Item(name, int(nbytes), where, PHASES if phases == ("all",) else phases))
+
+    def _at(self, item: Item, where: str) -> bool:
+        return item.where == where or (where == "cpu" and item.where == "device" and self.device == "cpu")
+
+    def total(self, where: str, phase: str) -> int:
+        return sum(i.nbytes for i in self.items if self._at(i, where) and phase in i.phases)
+
+    def peak(self, where: str) -> int:
+        if where == "disk":
+            return sum(i.nbytes for i in self.items if i.where == "disk")
+        return max(self.total(where, phase) for phase in PHASES)
+
+    def fits(self, device_budget: float | None, cpu_budget: float | None) -> bool:
+        """Within both budgets (bytes; None = unbounded)."""
+        device_ok = device_budget is None or self.device == "cpu" or self.peak("device") <= device_budget
+        return device_ok and (cpu_budget is None or self.peak("cpu") <= cpu_budget)
+
+
+def factor_totals(arch: Architecture) -> dict[str, int]:
+    """Element counts: ``A`` (shared activation factors once), ``A_unshared`` (one per layer), ``S``,
+    ``params`` (Σ out·in', the covered parameters), ``eigvals`` (K-FAC eigenvalue vectors)."""
+    firsts = [spec for spec in arch.layers if arch.groups[spec.name] == spec.name]
+    return {"A": sum(s.in_features**2 for s in firsts), "A_unshared": sum(s.in_features**2 for s in arch.layers),
+            "S": sum(s.out_features**2 for s in arch.layers),
+            "params": sum(s.out_features * s.in_features for s in arch.layers),
+            "eigvals": sum(s.in_features for s in firsts) + sum(s.out_features for s in arch.layers)}
+
+
+def layer_rows(arch: Architecture, estimator: str, factor_bytes: int) -> list[dict]:
+    """Per covered layer: shape, activation group, and the stored bytes of its A (0 when it reads a shared input
+    counted at its group's first layer), S, eigenvalues (K-FAC vectors, EK-FAC Λ*, diagonal D)."""
+    rows = []
+    for spec in arch.layers:
+        out, inp = spec.out_features, spec.in_features
+        owns_a = arch.groups[spec.name] == spec.name
+        kron = estimator in ("kfac", "ekfac")
+        eig = {"kfac": out + (inp if owns_a else 0), "ekfac": out * inp, "diagonal": out * inp}.get(estimator, 0)
+        rows.append({"name": spec.name, "out": out, "in": inp, "group": arch.groups[spec.name],
+                     "A": factor_bytes * inp * inp if kron and owns_a else 0,
+                     "S": factor_bytes * out * out if kron else 0, "eig": factor_bytes * eig,
+                     "params": out * inp})
+    return rows
+
+
+def layer_chunks(names: list[str], groups: int) -> list[list[int]]:
+    """``curvature.layer_groups``: ``groups`` contiguous groups of whole parent modules (the layers of one
+    attention or MLP stay together), as indices into ``names``; at most one group per module."""
+    units = [list(g) for _, g in itertools.groupby(range(len(names)), key=lambda i: names[i].rpartition(".")[0])]
+    groups = max(1, min(groups, len(units)))
+    return [[i for unit in units[k * len(units) // groups : (k + 1) * len(units) // groups] for i in unit]
+            for k in range(groups)]
+
+
+def _chunk_elements(rows: list[dict], chunk: list[int], what: str) -> int:
+    """Elements of one layer group's sums: ``factors`` (the A of every activation group its layers read, once,
+    and their S) or ``outer`` (out × in' per layer: EK-FAC's Λ*, the diagonal's D)."""
+    layers = [rows[i] for i in chunk]
+    if what == "outer":
+        return sum(r["params"] for r in layers)
+    return sum(n * n for n in {r["group"]: r["in"] for r in layers}.values()) + sum(r["out"] ** 2 for r in layers)
+
+
+def activation_bytes(arch: Architecture, w: Workload, fit: bool, eager_attention: bool) -> int:
+    """Estimate of one batch's forward + backward memory (module docstring)."""
+    n = w.batch_size * w.max_length
+    b = DTYPE_BYTES[w.model_dtype]
+    inputs = sum(s.in_features for s in arch.layers if arch.groups[s.name] == s.name)
+    outputs = sum(s.out_features for s in arch.layers)
+    total = n * (inputs + outputs) * b + 3 * n * arch.vocab_size * 4
+    if fit:
+        total += n * (inputs + w.mc_samples * outputs) * 4
+    if eager_attention:
+        total += 2 * w.batch_size * arch.num_heads * w.max_length**2 * b * arch.num_layers
+    return total
+
+
+def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> MemoryPlan:
+    """Every item of the run with its bytes, device and phase (``load``, ``fit``, ``step``; ``all``: held
+    throughout)."""
+    p = MemoryPlan(w.device)
+    b = DTYPE_BYTES[w.model_dtype]
+    weights = arch.n_params * b
+    for copy in w.weight_copies:
+        p.add(f"weights: {copy} ({w.model_dtype})", weights, "device", "all")
+    for copy in w.host_weight_copies:
+        p.add(f"weights: {copy} ({w.model_dtype})", weights, "cpu", "step")
+    p.add(f"weights: loading one model on the host ({w.model_dtype})", weights, "cpu", "load")
+    t = factor_totals(arch)
+    if w.method == "first_order":
+        trained = arch.n_params if w.trained_params is None else w.trained_params
+        p.add(f"AdamW gradient + 2 moments ({w.model_dtype})", ADAMW_STATES * trained * b, "device", "step")
+        p.add("activations, one batch (estimate)", activation_bytes(arch, w, False, False), "device", "step")
+        return p
+    if w.method != "kfade":  # evaluation only: no gradients, so this bounds it from above
+        p.add("activations, one batch (estimate, upper bound)", activation_bytes(arch, w, False, False), "device",
+              "step")
+        return p
+    _curvature_items(p, arch, w, placement)
+    p.add("forget gradient (fp32)", 4 * t["params"], "device", "step")
+    p.add("K-FADE direction (fp32)", 4 * t["params"], "device", "step")
+    if w.solver == "cg":
+        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × fp32)", CG_VECTORS * 4 * t["params"],
+              "device", "step")
+    widest = max(s.out_features * s.in_features for s in arch.layers)
+    p.add("preconditioner workspace, one layer (fp32)", 3 * 4 * widest, "device", "step")
+    p.add(f"step snapshot of the covered weights ({w.model_dtype})", t["params"] * b, "cpu", "step")
+    p.add("activations, one batch (estimate" + (", eager attention for G·v)" if w.solver == "cg" else ")"),
+          activation_bytes(arch, w, False, w.solver == "cg"), "device", "step")
+    return p
+
+
+def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: Placement) -> None:
+    """The fit's sums, workspaces and the stored curvature where ``placement`` keeps it (``kfade.curvature.fit``):
+    per layer group, the factor pass holds its fp32 A/S sums (released one layer at a time into the eigh), the
+    EK-FAC correction pass its fp32 Λ* sums and the group's eigenbases (fp32 copies on the device unless the
+    stored ones are already that); stored layers accumulate where ``offload`` puts them (counted whole)."""
+    if w.estimator == "identity":
+        return
+    fb = DTYPE_BYTES[placement.factor_dtype]
+    rows = layer_rows(arch, w.estimator, fb)
+    stored = sum(r["A"] + r["S"] + r["eig"] for r in rows)
+    one_layer = max(r["A"] + r["S"] + r["eig"] for r in rows)
+    chunks = layer_chunks([r["name"] for r in rows], placement.layer_groups)
+    of_groups = f", 1 of {len(chunks)} layer groups" if len(chunks) > 1 else ""
+    first = "outer" if w.estimator == "diagonal" else "factors"
+    p.add(f"factor sums ({'D' if first == 'outer' else 'A, S'}; fp32{of_groups})",
+          4 * max(_chunk_elements(rows, c, first) for c in chunks), "device", "fit")
+    if w.estimator in ("kfac", "ekfac"):
+        largest = max(max(r["in"], r["out"]) for r in rows)
+        p.add("eigh workspace, largest factor (fp64 × 3)", 3 * 8 * largest**2, "device", "fit")
+    fit_phases = ("fit", "correction") if w.estimator == "ekfac" else ("fit",)
+    p.add("activations + captured inputs / output grads, one batch (estimate)",
+          activation_bytes(arch, w, True, False), "device", *fit_phases)
+    if w.estimator == "ekfac":
+        p.add(f"EK-FAC Λ* sums (fp32{of_groups})", 4 * max(_chunk_elements(rows, c, "outer") for c in chunks),
+              "device", "correction")
+        copies = placement.offload != "none" or fb != 4
+        bases = max(sum(4 * (rows[i]["A"] + rows[i]["S"]) // fb for i in c) for c in chunks)
+        p.add("eigenbases of the group being corrected (fp32 copies)", bases if copies else 0, "device", "correction")
+    name = f"curvature, {w.estimator} as stored ({placement.factor_dtype})"
+    if placement.offload == "none":
+        p.add(name, stored, "device", *fit_phases, "step")
+        return
+    p.add("curvature, one layer streamed to the device", one_layer, "device", "step")
+    if placement.offload == "cpu":
+        p.add(name + ", pinned host memory", stored, "cpu", *fit_phases, "step")
+    else:
+        p.add(name + f", on disk ({placement.offload_dir or 'curvature cache'})", stored, "disk", "all")
+        p.add("curvature, one layer passing through host memory", one_layer, "cpu", *fit_phases, "step")
