@@ -154,7 +154,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def configured_method(cfg: DictConfig, progress: bool):
+def configured_method(cfg: DictConfig, progress: bool = False):
     """The method of ``cfg.method`` with its validated config (and the curvature config, for K-FADE)."""
     method_cfg = typed(cfg.method, METHODS[cfg.method.name][0], "method")
     curvature = typed(cfg.curvature, CurvatureConfig, "curvature")  # damping/ lands in curvature too
