@@ -43,8 +43,8 @@ for r in "${REGIMES[@]}"; do
   case "$r" in
     scratch) regime scratch mini_tofu 2e-4,3e-4,4e-4,5.5e-4,7e-4 2e-4,3e-4,4e-4,5.5e-4,7e-4,1e-3 \
                6e-5,1e-4,1.5e-4,2e-4,3e-4 0.03,0.1,0.3 ;;
-    pretrained) regime pretrained mini_tofu_pretrained 2e-4,3e-4,4e-4,5.5e-4,7e-4 \
-                  2e-4,3e-4,4e-4,5.5e-4,7e-4,1e-3 6e-5,1e-4,1.5e-4,2e-4,3e-4 0.03,0.1,0.3 ;;
+    pretrained) regime pretrained mini_tofu_pretrained 1e-4,2e-4,3e-4,5e-4,7e-4,1e-3 \
+                  1e-4,2e-4,3e-4,5e-4,7e-4,1e-3 3e-5,6e-5,1e-4,2e-4,3e-4,5e-4 0.03,0.1,0.3 ;;
     *) echo "error: REGIME='$r': choose scratch or pretrained" >&2; exit 2 ;;
   esac
 done
