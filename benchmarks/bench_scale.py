@@ -28,6 +28,7 @@ from kfade.plan import GB, Item, Placement, Workload, architecture, plan_memory
 CONFIG = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
           "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 512,
           "tie_word_embeddings": False}
+FIT_PHASES = ("fit", "correction")  # the plan's phases of a curvature fit (factor pass + eigh; EK-FAC correction)
 
 
 def rss_bytes() -> int:
@@ -47,9 +48,6 @@ def synthetic_batches(n: int, batch_size: int, length: int, vocab: int) -> list[
         ids = torch.randint(1, vocab, (batch_size, length), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     return out
-
-
-FIT_PHASES = ("fit", "correction")  # the plan's phases of a curvature fit (factor pass + eigh; EK-FAC correction)
 
 
 def planned_fit(cfg: CurvatureConfig, batch_size: int, length: int) -> tuple[int, list[Item]]:
