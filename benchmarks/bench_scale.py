@@ -4,10 +4,10 @@ download) fitted with forced offload and layer groups, and the same fit data-par
     python benchmarks/bench_scale.py [--estimator kfac] [--offload cpu] [--layer-groups 4] [--batches 4]
     torchrun --nproc_per_node=2 benchmarks/bench_scale.py --offload cpu --layer-groups 4
 
-Prints the peak resident memory measured (``resource.getrusage`` ru_maxrss, the process high-water mark, with the
-interpreter + torch baseline measured before the model exists) next to the bytes expected from the layer shapes
-(``expected_bytes``: weights, factor sums of one layer group, finished factors, eigendecomposition workspace),
-and the fit time. Under torchrun each rank fits its shard of the batches; rank 0 prints, and with ``--compare``
+Prints the peak resident memory measured (``resource.getrusage`` ru_maxrss, the process high-water mark) above the
+interpreter + torch baseline measured before the model is built, next to the dry-run plan of the same fit
+(``kfade.plan.plan_memory``: its largest fit-phase total in host memory, item by item), and the fit time.
+Under torchrun each rank fits its shard of the batches; rank 0 prints, and with ``--compare``
 (single process) the script also runs the plain in-memory fit and checks bit-equality.
 """
 
@@ -22,14 +22,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kfade import distributed
 from kfade.curvature import CurvatureConfig, fit_curvature
-from kfade.curvature.fit import layer_groups
-from kfade.curvature.layers import LayerSpec, select_layers
+from kfade.plan import GB, Item, Placement, Workload, architecture, plan_memory
 
 # ~106M parameters: 2 × 24.6M embeddings (untied), 8 blocks × 7.1M.
 CONFIG = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
           "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 512,
           "tie_word_embeddings": False}
-GB = 1e9
+FIT_PHASES = ("fit", "correction")  # the plan's phases of a curvature fit (factor pass + eigh; EK-FAC correction)
 
 
 def rss_bytes() -> int:
@@ -51,53 +50,16 @@ def synthetic_batches(n: int, batch_size: int, length: int, vocab: int) -> list[
     return out
 
 
-def expected_bytes(model: torch.nn.Module, cfg: CurvatureConfig, groups: dict[str, str], batch_size: int,
-                   length: int, dtype_bytes: int = 4) -> dict[str, int]:
-    """Bytes implied by the layer shapes (fp32), with ``groups`` (layer → its activation group: q/k/v and
-    gate/up read one input, whose factor A is stored once):
-
-    - ``weights``: every parameter; ``gradients``: the covered weights' gradient (the forget gradient's size);
-    - ``factors``: finished K-FAC factors A (in'², once per group) + S (out²) + their eigenvalues; EK-FAC adds
-      Λ* (out·in');
-    - ``group_sums``: the running factor sums of the largest layer group (what ``layer_groups`` bounds);
-    - ``eigh_workspace``: the largest factor n² five times in fp64 (the fp64 copy, its symmetrised copy, the
-      eigenvectors, LAPACK's workspace ≈ n², the stored copy);
-    - ``activations``: one batch's forward/backward: 5 vocabulary-wide fp32 tensors per token (logits, label
-      logits, softmax, the backward signal, the logits' gradient) and per decoder layer the tensors autograd
-      keeps (≈ 12 hidden-wide and 5 MLP-wide per token, attention probabilities and their gradient per head).
-    """
-    layers = select_layers(model, cfg.modules)
-    width = {spec.name: spec.in_features for spec in layers}
-    weights = sum(p.numel() for p in model.parameters()) * dtype_bytes
-    gradients = sum(s.out_features * s.in_features for s in layers) * dtype_bytes
-
-    def factor_elems(specs: list[LayerSpec]) -> tuple[int, int]:
-        heads = {groups[s.name] for s in specs}
-        squares = sum(width[h] ** 2 for h in heads) + sum(s.out_features ** 2 for s in specs)
-        return squares, sum(width[h] for h in heads) + sum(s.out_features for s in specs)
-
-    squares, diagonals = factor_elems(layers)
-    factors = squares + diagonals + (sum(s.out_features * s.in_features for s in layers)
-                                     if cfg.estimator == "ekfac" else 0)
-    group_sums = max(factor_elems(g)[0] for g in layer_groups(layers, cfg.layer_groups))
-    largest = max(max(s.out_features, s.in_features) for s in layers)
-    c = model.config
-    tokens = batch_size * length
-    attention = 2 * batch_size * c.num_attention_heads * length**2
-    per_layer = tokens * (12 * c.hidden_size + 5 * c.intermediate_size) + attention
-    activations = (5 * tokens * c.vocab_size + c.num_hidden_layers * per_layer) * dtype_bytes
-    return {"weights": weights, "gradients": gradients, "factors": factors * dtype_bytes,
-            "group_sums": group_sums * dtype_bytes, "eigh_workspace": 5 * largest * largest * 8,
-            "activations": activations}
-
-
-def peak_plan(expected: dict[str, int], offload: str) -> int:
-    """Planned peak host memory of a CPU fit above the interpreter: the weights, plus the larger of the two
-    phases — a pass over the data (one batch's activations + what is resident: every finished factor and the
-    group's sums, i.e. about the factors in total, unless ``disk`` keeps only the group's sums) and an
-    eigendecomposition (resident + ``eigh_workspace``)."""
-    resident = expected["group_sums"] if offload == "disk" else expected["factors"]
-    return expected["weights"] + resident + max(expected["activations"], expected["eigh_workspace"])
+def planned_fit(cfg: CurvatureConfig, batch_size: int, length: int) -> tuple[int, list[Item]]:
+    """The dry-run plan (``kfade.plan``) of this fit on the CPU: ``(peak host bytes over the fit's phases, the
+    items held then)``. One fp32 model, no step, the bench's placement (offload, layer groups, fp32 factors);
+    one output-gradient signal per token (empirical Fisher)."""
+    arch = architecture(LlamaConfig(**CONFIG), cfg.modules)
+    work = Workload(method="kfade", estimator=cfg.estimator, model_dtype="float32", device="cpu",
+                    batch_size=batch_size, max_length=length, weight_copies=("model",), host_weight_copies=())
+    plan = plan_memory(arch, work, Placement(cfg.factor_dtype, cfg.offload, cfg.offload_dir, cfg.layer_groups))
+    phase = max(FIT_PHASES, key=lambda ph: plan.total("cpu", ph))
+    return plan.total("cpu", phase), [i for i in plan.items if phase in i.phases and i.where != "disk"]
 
 
 def main() -> None:
@@ -123,7 +85,6 @@ def main() -> None:
     curvature = fit_curvature(model, distributed.shard(batches), cfg)
     fit_s = time.perf_counter() - start
     peak = rss_bytes()
-    expected = expected_bytes(model, cfg, curvature.groups, args.batch_size, args.length)
     if distributed.is_main():
         params = sum(p.numel() for p in model.parameters())
         print(f"model: random Llama {params / 1e6:.1f}M parameters, {len(curvature.layers)} covered layers; "
@@ -131,13 +92,14 @@ def main() -> None:
               f"{distributed.world_size()}")
         print(f"fit: {args.estimator}, offload={args.offload}, layer_groups={args.layer_groups}: {fit_s:.1f} s "
               f"({curvature.n_tokens} label tokens over all ranks)")
-        print("expected bytes (from the layer shapes, fp32):")
-        for name, value in expected.items():
-            print(f"  {name:15s} {value / GB:8.3f} GB")
-        planned = peak_plan(expected, args.offload)
+        planned, items = planned_fit(cfg, args.batch_size, args.length)
+        print("dry-run plan of this fit (kfade.plan, host memory above the interpreter):")
+        for item in items:
+            print(f"  {item.nbytes / GB:8.3f} GB  {item.name}")
+        above = peak - baseline
         print(f"measured peak RSS: {peak / GB:.3f} GB (interpreter+torch baseline {baseline / GB:.3f} GB, after the "
-              f"model {after_model / GB:.3f} GB); above baseline {(peak - baseline) / GB:.3f} GB vs planned "
-              f"{planned / GB:.3f} GB (measured/planned {(peak - baseline) / planned:.2f})")
+              f"model {after_model / GB:.3f} GB); above baseline {above / GB:.3f} GB vs planned "
+              f"{planned / GB:.3f} GB (measured/planned {above / planned:.2f})")
     if args.compare and distributed.world_size() == 1:
         plain = fit_curvature(model, batches, CurvatureConfig(estimator=args.estimator, fisher="empirical"))
         equal = all(torch.equal(plain.tensors[k], curvature.tensors[k]) for k in plain.tensors)

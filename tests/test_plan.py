@@ -24,7 +24,7 @@ from kfade.plan import (
     plan_memory,
     resolve_placement,
 )
-from kfade.plan.memory import CG_VECTORS, layer_chunks
+from kfade.plan.memory import CG_VECTORS, eigh_workspace_bytes, layer_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "conf" / "fixtures" / "models"
@@ -107,6 +107,21 @@ def test_step_items_and_layer_groups(llama2):
 
     assert sums(1) == 4 * (factor_totals(llama2)["A"] + factor_totals(llama2)["S"])
     assert sums(4) == sums(1) / 4  # 8 identical blocks per group
+
+
+def test_fit_items_eigh_workspace_and_vocabulary_wide_activations(llama2):
+    h, m, n, vocab = 4096, 11008, 32, 32000
+    # eigh of n×n: fp32 normalised sum 4n², fp64 copy + symmetrised copy + eigenvectors 24n², eigenvalues 8n,
+    # LAPACK dsyevd work (1 + 6n + 2n²) doubles and iwork (3 + 5n) int32
+    assert eigh_workspace_bytes(m) == 44 * m * m + 76 * m + 20
+    work = Workload(estimator="kfac", solver="direct", model_dtype="float32", batch_size=1, max_length=1)
+    items = {i.name: i.nbytes for i in plan_memory(llama2, work, Placement()).items}
+    assert items[f"eigh workspace, largest factor ({m}², fp64)"] == eigh_workspace_bytes(m)
+    inputs, outputs = n * (3 * h + m), n * (5 * h + 2 * m)  # one token: shared inputs once; every output
+    # fit: logits, label logits, softmax + (signal, logits' gradient) per MC sample; captured inputs, output grads
+    assert items["activations + captured inputs / output grads, one batch (estimate)"] == (
+        4 * (inputs + outputs) + 5 * 4 * vocab + 4 * (inputs + outputs))
+    assert items["activations, one batch (estimate)"] == 4 * (inputs + outputs) + 3 * 4 * vocab  # step
 
 
 def test_placement_is_the_cheapest_that_fits(llama2):

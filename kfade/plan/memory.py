@@ -14,8 +14,12 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
   beside the old ones: 7 vectors of the covered parameters at peak (fp32).
 - Activations of one batch (N = batch × length tokens) are an estimate: the inputs (shared ones once) and
   outputs of every covered linear at the model dtype, the fp32 logits, their softmax and gradient; for the fit
-  also the captured fp32 inputs and output gradients (× MC samples); for GGN products (eager attention) the
-  attention probabilities and scores of every layer.
+  instead the vocabulary-wide fp32 tensors of ``kfade.curvature.capture`` (logits, label logits, softmax, and
+  per MC sample the backward signal and the logits' gradient), plus the captured fp32 inputs and output
+  gradients (× MC samples); for GGN products (eager attention) the attention probabilities and scores of every
+  layer. Not counted: what autograd saves inside a decoder layer besides the covered linears' inputs and
+  outputs (norms, rotary q/k, the attention output, the MLP activation).
+- The eigendecomposition of an n×n factor: ``eigh_workspace_bytes`` (44n² bytes, CPU LAPACK).
 """
 
 from __future__ import annotations
@@ -131,13 +135,22 @@ def _chunk_elements(rows: list[dict], chunk: list[int], what: str) -> int:
     return sum(n * n for n in {r["group"]: r["in"] for r in layers}.values()) + sum(r["out"] ** 2 for r in layers)
 
 
+def eigh_workspace_bytes(n: int) -> int:
+    """Bytes ``kfade.curvature.estimators.eigh`` allocates for one n×n factor beside its fp32 sum: the normalised
+    sum (fp32, n²), its fp64 copy, the symmetrised copy and the eigenvectors (fp64, n² each), the eigenvalues
+    (fp64, n) and LAPACK ``syevd``'s workspace (1 + 6n + 2n² doubles, 3 + 5n int32), all alive during the call:
+    44n² + O(n) bytes."""
+    return 4 * n * n + 3 * 8 * n * n + 8 * n + 8 * (1 + 6 * n + 2 * n * n) + 4 * (3 + 5 * n)
+
+
 def activation_bytes(arch: Architecture, w: Workload, fit: bool, eager_attention: bool) -> int:
     """Estimate of one batch's forward + backward memory (module docstring)."""
     n = w.batch_size * w.max_length
     b = DTYPE_BYTES[w.model_dtype]
     inputs = sum(s.in_features for s in arch.layers if arch.groups[s.name] == s.name)
     outputs = sum(s.out_features for s in arch.layers)
-    total = n * (inputs + outputs) * b + 3 * n * arch.vocab_size * 4
+    vocab_wide = 3 + 2 * w.mc_samples if fit else 3  # fp32 tensors of N × vocab (module docstring)
+    total = n * (inputs + outputs) * b + vocab_wide * n * arch.vocab_size * 4
     if fit:
         total += n * (inputs + w.mc_samples * outputs) * 4
     if eager_attention:
@@ -198,7 +211,7 @@ def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: 
           4 * max(_chunk_elements(rows, c, first) for c in chunks), "device", "fit")
     if w.estimator in ("kfac", "ekfac"):
         largest = max(max(r["in"], r["out"]) for r in rows)
-        p.add("eigh workspace, largest factor (fp64 × 3)", 3 * 8 * largest**2, "device", "fit")
+        p.add(f"eigh workspace, largest factor ({largest}², fp64)", eigh_workspace_bytes(largest), "device", "fit")
     fit_phases = ("fit", "correction") if w.estimator == "ekfac" else ("fit",)
     p.add("activations + captured inputs / output grads, one batch (estimate)",
           activation_bytes(arch, w, True, False), "device", *fit_phases)
