@@ -200,7 +200,8 @@ print("finished")
 def test_a_killed_fit_process_resumes_bit_equal(tmp_path):
     """SIGKILL of a real fitting process once its first checkpoint is on disk; a fresh call finishes the fit."""
     code = KILLED_FIT.format(tests=str(Path(__file__).parent), directory=str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    # the same thread count as this process: CPU matmul reductions (and so the checkpointed sums) depend on it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "checkpoint.safetensors"
     deadline = time.monotonic() + 120
