@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from kfade.curvature.config import OFFLOADS, CurvatureConfig
 from kfade.errors import ConfigError
-
-OFFLOADS = ("none", "cpu", "disk")
-FACTOR_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -53,9 +51,4 @@ class Placement:
     checkpoint_every: int | None = None
 
     def __post_init__(self):
-        if self.factor_dtype not in FACTOR_DTYPES:
-            raise ConfigError("curvature.factor_dtype", self.factor_dtype, f"must be one of {', '.join(FACTOR_DTYPES)}")
-        if self.offload not in OFFLOADS:
-            raise ConfigError("curvature.offload", self.offload, f"must be one of {', '.join(OFFLOADS)}")
-        if int(self.layer_groups) < 1:
-            raise ConfigError("curvature.layer_groups", self.layer_groups, "must be ≥ 1")
+        CurvatureConfig(**asdict(self))  # the same fields, checked by the config they are copied into
