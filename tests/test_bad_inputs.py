@@ -79,6 +79,8 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
     (["dataset.general=wiki"], "dataset.general", "'wiki'"),
     (["dataset.fit_sets=[retain,general]"], "dataset.fit_sets", "'general'"),  # no general corpus to fit on
     (["experiment=mini_tofu_pretrained", "dataset.general=null"], "model.pretrain", "'set'"),
+    (["model.recipe.replay=64"], "model.recipe.replay", "64"),  # rehearsal without a pretrained base
+    (["experiment=mini_tofu_pretrained", "model.recipe.replay=-1"], "model.recipe.replay", "-1"),
     (["experiment=mini_wmdp", "+dataset.general=python_docs"], "dataset.general", "'python_docs'"),
     (["curvature.damping=nan"], "curvature.damping", "nan"),
     (["curvature.damping=-1"], "curvature.damping", "-1.0"),

@@ -83,3 +83,39 @@ def test_finetuning_starts_from_the_given_base_model(tokenizer, tmp_path, monkey
     weights = [LlamaForCausalLM.from_pretrained(d).state_dict() for d in (base, finetuned, scratch)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
     assert not all(torch.allclose(weights[0][k], weights[2][k], atol=1e-3) for k in weights[0])
+
+
+def _text_nll(model, features, pad):
+    from kfade.data.formatting import collate
+    from kfade.models.logits import label_logits
+    with torch.no_grad():
+        out = label_logits(model, collate(features, pad))
+        return float(torch.nn.functional.cross_entropy(out.logits, out.labels))
+
+
+def test_replay_rehearses_the_base_text_and_is_left_out_of_the_stats(tokenizer):
+    """``recipe.replay`` sequences of the base's text join each epoch: finetuning forgets that text less, while the
+    reported loss is the QA answers' alone; ``replay=0`` trains exactly as without a replay pool."""
+    formatter, pad = QAFormatter(tokenizer), pad_id(tokenizer)
+    text = [formatter.encode_text(t) for t in ["Paris is the capital of France.", "Water boils at one hundred."]]
+    qa = [formatter.encode(q, a) for q, a in [("Where was Alia Verne born?", "Port Lumen."),
+                                              ("What genre does Tomas Reed write?", "Mystery.")]]
+    torch.manual_seed(0)
+    base = make_tiny_llama(tokenizer)
+    train_causal_lm(base, text, pad, TrainRecipe(max_epochs=60, lr=1e-2, warmup_steps=1, batch_size=2,
+                                                 target_accuracy=1.0), progress=False)
+    finetuned = {}
+    for replay in (0, 2):
+        model = make_tiny_llama(tokenizer)
+        model.load_state_dict(base.state_dict())
+        recipe = TrainRecipe(max_epochs=40, lr=1e-2, warmup_steps=1, batch_size=2, target_accuracy=1.0, replay=replay)
+        finetuned[replay] = (model, train_causal_lm(model, qa, pad, recipe, progress=False, replay=text))
+    assert _text_nll(finetuned[2][0], text, pad) < 0.5 * _text_nll(finetuned[0][0], text, pad)
+    for model, stats in finetuned.values():  # the last epoch's loss is the QA loss, not a mix with the text's
+        assert stats.loss == pytest.approx(_text_nll(model, qa, pad), rel=0.5)
+    plain = make_tiny_llama(tokenizer)
+    plain.load_state_dict(base.state_dict())
+    train_causal_lm(plain, qa, pad, TrainRecipe(max_epochs=40, lr=1e-2, warmup_steps=1, batch_size=2,
+                                                target_accuracy=1.0), progress=False)
+    for p, q in zip(plain.parameters(), finetuned[0][0].parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -43,5 +43,8 @@ class ModelConfig:
             raise ConfigError("model.spec.num_key_value_heads", spec.num_key_value_heads,
                               f"must divide model.spec.num_attention_heads ({spec.num_attention_heads})")
         self.recipe.validate()
+        if self.recipe.replay and self.pretrain is None:
+            raise ConfigError("model.recipe.replay", self.recipe.replay,
+                              "rehearses a pretrained base's text: set model.pretrain, or replay: 0")
         if self.pretrain is not None:
             self.pretrain.validate("model.pretrain")

@@ -33,17 +33,20 @@ def mini_tokenizer(texts: Sequence[str], vocab_size: int) -> Path:
 
 def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], texts: Sequence[str],
                        spec: TinyLlamaSpec, recipe: TrainRecipe, progress: bool = True,
-                       init_from: Path | None = None) -> Path:
+                       init_from: Path | None = None, replay: Sequence[str] = ()) -> Path:
     """Directory of a tiny Llama trained on ``qa_rows`` (answer-token loss) and ``texts`` (all tokens); cached
     with checksums (a damaged copy is retrained, with a warning).
 
-    Training starts from random weights, or from the cached model ``init_from`` (finetuning a pretrained base).
+    Training starts from random weights, or from the cached model ``init_from`` (finetuning a pretrained base;
+    ``recipe.replay`` of the base's texts ``replay`` then join each epoch, see ``train_causal_lm``).
     ``train_stats.json`` beside the weights records epochs, final loss and label-token accuracy.
     """
     key = {"qa": [(r["question"], r["answer"]) for r in qa_rows], "texts": list(texts),
            "tokenizer": tokenizer_dir.name, "spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe)}
     if init_from is not None:
         key["init_from"] = init_from.name  # cache names end in the base model's own fingerprint
+    if recipe.replay and replay:
+        key["replay"] = list(replay)
     path = cache_dir() / "models" / f"{tag}-{fingerprint(key)}"
     if cached(path, "model"):
         return path
@@ -56,7 +59,8 @@ def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], t
         model = LlamaForCausalLM(tiny_llama_config(tokenizer, spec))
     else:
         model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
-    stats = train_causal_lm(model, features, pad_id(tokenizer), recipe, progress=progress)
+    rehearsal = [formatter.encode_text(t) for t in replay] if recipe.replay else []
+    stats = train_causal_lm(model, features, pad_id(tokenizer), recipe, progress=progress, replay=rehearsal)
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

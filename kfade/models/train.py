@@ -26,12 +26,13 @@ class TrainRecipe:
     batch_size: int = 32  # sequences per step
     target_accuracy: float = 0.99  # stop when an epoch's label-token argmax accuracy reaches this (memorised)
     seed: int = 0  # init and shuffling seed
+    replay: int = 0  # finetuning only: sequences of the base's own text mixed into each epoch (a fresh sample)
 
     def validate(self, prefix: str = "model.recipe") -> None:
         """Raise ``ConfigError`` naming ``<prefix>.<field>`` for the first field out of range."""
         for key in ("max_epochs", "batch_size"):
             require_range(f"{prefix}.{key}", getattr(self, key), 1)
-        for key in ("warmup_steps", "weight_decay"):
+        for key in ("warmup_steps", "weight_decay", "replay"):
             require_range(f"{prefix}.{key}", getattr(self, key), 0)
         for key in ("lr", "max_grad_norm"):
             require_range(f"{prefix}.{key}", getattr(self, key), 0, open_low=True)
@@ -47,12 +48,15 @@ class TrainStats:
 
 
 def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: TrainRecipe,
-                    progress: bool = True) -> TrainStats:
+                    progress: bool = True, replay: Sequence[dict] = ()) -> TrainStats:
     """Train a Llama-style ``model`` (``.model`` body + ``.lm_head``) in place on encoded ``features`` with the mean
     label-token NLL (nats).
 
     Stops at the first epoch whose running accuracy reaches ``recipe.target_accuracy``: training on to zero loss
     saturates the softmax and the Fisher of the retain set vanishes, leaving curvature nothing to measure.
+    Rehearsal: each epoch adds ``recipe.replay`` sequences drawn afresh (seeded) from ``replay`` (the text a base
+    model was pretrained on) in batches of their own, so finetuning keeps what the base knew; loss, accuracy and
+    the stopping rule count ``features`` only.
     """
     recipe.validate()
     start = time.perf_counter()
@@ -64,7 +68,8 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
     epoch = 0
     for epoch in bar:
         tot_loss = tot_correct = tot_tokens = 0.0
-        for batch in length_buckets(features, recipe.batch_size, pad_token_id, seed=recipe.seed * 100_003 + epoch):
+        seed = recipe.seed * 100_003 + epoch
+        for batch, rehearsed in epoch_batches(features, replay, recipe, pad_token_id, seed):
             hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             labels = batch["labels"][:, 1:]
             mask = labels != -100
@@ -75,6 +80,8 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             opt.step()
             sched.step()
+            if rehearsed:
+                continue
             n = int(mask.sum())
             tot_loss += float(nll.detach()) * n
             tot_tokens += n
@@ -85,6 +92,19 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
             break
     model.eval()
     return TrainStats(epochs=epoch + 1, loss=loss, accuracy=acc, seconds=time.perf_counter() - start)
+
+
+def epoch_batches(features: Sequence[dict], replay: Sequence[dict], recipe: TrainRecipe, pad_token_id: int,
+                  seed: int) -> list[tuple[dict, bool]]:
+    """One epoch's ``(batch, is_replay)`` pairs: ``features`` and ``recipe.replay`` sequences sampled from ``replay``
+    without replacement, each bucketed by length, the batches interleaved in a seeded random order."""
+    batches = [(b, False) for b in length_buckets(features, recipe.batch_size, pad_token_id, seed)]
+    if not (recipe.replay and replay):
+        return batches
+    gen = torch.Generator().manual_seed(seed)
+    sample = [replay[i] for i in torch.randperm(len(replay), generator=gen)[: recipe.replay].tolist()]
+    batches += [(b, True) for b in length_buckets(sample, recipe.batch_size, pad_token_id, seed + 1)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def length_buckets(features: Sequence[dict], batch_size: int, pad_token_id: int, seed: int) -> list[dict]:

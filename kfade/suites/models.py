@@ -30,7 +30,8 @@ def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequenc
     """Train (or reuse from the cache) the tiny reference model and one retrain model per seed.
 
     With ``cfg.pretrain`` both are finetuned (``cfg.recipe``) from one base model pretrained on
-    ``sets.pretrain_texts`` (TOFU's regime: a pretrained LM finetuned on the authors); else trained from scratch.
+    ``sets.pretrain_texts`` (TOFU's regime: a pretrained LM finetuned on the authors, rehearsing ``cfg.recipe.replay``
+    of those texts per epoch); else trained from scratch.
     """
     pretrain_texts = sets.pretrain_texts if cfg.pretrain is not None else []
     tokenizer_dir = mini_tokenizer(sets.tokenizer_texts + pretrain_texts, cfg.vocab_size)
@@ -41,9 +42,10 @@ def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequenc
         base = trained_tiny_model(f"{sets.tag}-base", tokenizer_dir, [], pretrain_texts, cfg.spec, cfg.pretrain,
                                   progress)
     reference = trained_tiny_model(f"{sets.tag}-reference", tokenizer_dir, sets.reference_qa, sets.reference_texts,
-                                   cfg.spec, cfg.recipe, progress, init_from=base)
+                                   cfg.spec, cfg.recipe, progress, init_from=base, replay=pretrain_texts)
     retrains = [trained_tiny_model(f"{sets.tag}-retrain", tokenizer_dir, sets.retrain_qa, sets.retrain_texts,
-                                   cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress, init_from=base)
+                                   cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress, init_from=base,
+                                   replay=pretrain_texts)
                 for seed in retrain_seeds]
     return reference, retrains
 
