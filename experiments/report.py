@@ -4,7 +4,9 @@ Prints the markdown table of every job's results.json (and the broken jobs it sk
 ``report.md``, ``report.csv`` and ``pareto.png`` into the sweep directory. With ``--tofu-logs DIR
 --retain-logs DIR`` it instead re-aggregates a pair of TOFU eval-log directories and prints the flat metrics
 as JSON. With ``--paper tofu|wmdp`` it prints the paper table of a paper sweep (``experiments/sweeps/paper_*.sh``:
-one subdirectory per forget split / corpus) and writes it to ``paper.md``. Bad input: one line on stderr, exit
+one subdirectory per forget split / corpus) and writes it to ``paper.md``. With ``--regimes`` the directory holds one
+sweep per regime (``experiments/sweeps/mini_tofu_regimes.sh``): it prints their matched tables side by side and
+writes ``regimes.md``. Bad input: one line on stderr, exit
 code 2.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
 from kfade.eval.paper_table import TABLES, paper_table
-from kfade.eval.report import aggregate_log_dirs, write_report
+from kfade.eval.report import aggregate_log_dirs, write_regimes_report, write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,10 +29,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tofu-logs", metavar="DIR", help="TOFU eval-log dir of the model to score")
     parser.add_argument("--retain-logs", metavar="DIR", help="TOFU eval-log dir of the retain model")
     parser.add_argument("--paper", choices=sorted(TABLES), help="the paper table of a paper sweep dir")
+    parser.add_argument("--regimes", action="store_true", help="sweep_dir holds one sweep per regime: compare them")
     args = parser.parse_args(argv)
     log_mode = args.tofu_logs is not None or args.retain_logs is not None
     if log_mode and (args.tofu_logs is None or args.retain_logs is None or args.sweep_dir is not None):
         parser.error("--tofu-logs and --retain-logs go together, without a sweep dir")
+    if args.regimes and args.paper is not None:
+        parser.error("--regimes and --paper are separate reports")
     if not log_mode and args.sweep_dir is None:
         parser.error("give a sweep dir, or --tofu-logs DIR --retain-logs DIR")
     return args
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.write_text(table)
             print(table, end="")
             print(f"\nwritten: {Path(args.sweep_dir) / 'paper.md'}")
+        elif args.regimes:
+            print(write_regimes_report(args.sweep_dir), end="")
+            print(f"\nwritten: {Path(args.sweep_dir) / 'regimes.md'}")
         else:
             _, markdown = write_report(args.sweep_dir)
             print(markdown, end="")

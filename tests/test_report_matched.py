@@ -80,3 +80,34 @@ def test_general_text_columns_appear_when_the_runs_have_them(tmp_path):
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["variant", "forget_prob", *MATCHED_METRICS, "kl_reference/general"]
     assert float(table[0]["kl_reference/general"]) == pytest.approx(float(table[0]["kl_reference/retain"]) / 2)
+
+
+def test_regimes_report_puts_each_regimes_matched_values_side_by_side(tmp_path, capsys):
+    """Two regime sweeps (one interpolated, one with a run at the level), each with its reference models."""
+    runs = {"scratch": ((0.9, 0.01), (0.5, 0.05)), "pretrained": ((0.62, 0.002),)}
+    for regime, points in runs.items():
+        for i, (p, kl) in enumerate(points):
+            job = tmp_path / regime / "grad_diff" / str(i)
+            job.mkdir(parents=True)
+            job.joinpath("results.json").write_text(json.dumps(
+                {"method": "grad_diff", "forget/prob": p, "kl_reference/retain": kl, "kl_reference/general": 2 * kl,
+                 "retrain/forget/prob": 0.03 if regime == "scratch" else 0.08, "noise_floor/forget_quality": 0.5}))
+    (tmp_path / "notes").mkdir()  # a directory without results is not a regime
+    assert runpy.run_path(str(CLI))["main"](["--regimes", str(tmp_path)]) == 0
+    text = (tmp_path / "regimes.md").read_text()
+    assert text in capsys.readouterr().out
+    at_062 = text.split("**Forget P̄ = 0.62**")[1].split("**")[0]
+    assert "| method | pretrained: kl_reference/retain | pretrained: kl_reference/general |" in at_062
+    kl = 0.05 + (math.log(0.62) - math.log(0.5)) / (math.log(0.9) - math.log(0.5)) * (0.01 - 0.05)
+    assert f"| grad_diff | 0.002 | 0.004 | — | — | {kl:.3g} | {2 * kl:.3g} | — | — |" in at_062
+    models = text.split("**Reference models (at their own P̄)**")[1]
+    assert "| retrain | 0.08 | — | — | — | — | 0.03 |" in models
+    assert "| noise_floor | — | — | — | — | 0.5 | — |" in models
+    assert "notes" not in text
+
+
+def test_regimes_report_without_regimes_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert runpy.run_path(str(CLI))["main"](["--regimes", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: report.regimes=") and err.count("\n") == 1

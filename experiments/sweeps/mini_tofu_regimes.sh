@@ -2,7 +2,8 @@
 # The README's two-regime comparison on mini-TOFU forget10: the from-scratch tiny pair (experiment=mini_tofu) and the
 # pretrained-base pair (experiment=mini_tofu_pretrained), both scored on Python's documentation as general text
 # (kl_reference/general, general/ppl). Per regime, every method over enough strengths to bracket forget P̄ 0.62,
-# 0.38 and 0.10, the noise floor (a second retrain seed), then `report.py` (matched.md/.csv, pareto.png):
+# 0.38 and 0.10, the noise floor (a second retrain seed), then `report.py` (matched.md/.csv, pareto.png), and at the
+# end `report.py --regimes` (regimes.md: the regimes' matched tables side by side):
 #   K-FADE CG (default: 3 steps × 5 PCG iterations, EK-FAC preconditioner) fitted on retain, and (pretrained regime,
 #   whose base learnt the general text) on retain+general;
 #   K-FADE direct EK-FAC (one step); GA, GradDiff, NPO, RMU: learning-rate grids (per regime: the pretrained
@@ -48,3 +49,4 @@ for r in "${REGIMES[@]}"; do
     *) echo "error: REGIME='$r': choose scratch or pretrained" >&2; exit 2 ;;
   esac
 done
+"$PY" experiments/report.py --regimes "$DIR"

@@ -19,6 +19,7 @@ LEVELS = (0.62, 0.38, 0.10)
 MATCHED_METRICS = ("kl_reference/retain", "kl_retrain/retain", "kl_retrain/forget", "model_utility",
                    "forget_quality")
 GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.general only: columns shown when present
+REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality")
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
 
@@ -34,6 +35,10 @@ def variant(row: dict) -> str:
     suffix = f"×{steps}" if steps not in (None, 1) else ""
     suffix += "".join(f"+{name}" for name in str(row.get("hp/fit_sets", "retain")).split(",") if name != "retain")
     return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}{suffix}"
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
 
 
 def _number(value) -> float | None:
@@ -102,3 +107,28 @@ def matched_csv(records: list[dict]) -> str:
     for r in records:
         writer.writerow([r["variant"], r["forget_prob"], *("" if r[m] is None else repr(r[m]) for m in metrics)])
     return out.getvalue()
+
+
+def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict]],
+                     metrics=REGIME_METRICS) -> str:
+    """Regimes side by side: per level a table with a row per variant and, for each regime (``matched``: its
+    :func:`matched_rows`), a column per metric; then the reference models of each regime (``models``: rows
+    with ``method`` and their own ``forget/prob``) at their own P̄. "—": no value."""
+    names = list(matched)
+    head = ["method", *(f"{n}: {m}" for n in names for m in metrics)]
+    out = []
+    for level in sorted({r["forget_prob"] for rs in matched.values() for r in rs}, reverse=True):
+        at = {n: {r["variant"]: r for r in matched[n] if r["forget_prob"] == level} for n in names}
+        lines = [f"**Forget P̄ = {level:g}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for v in sorted({v for n in names for v in at[n]}):
+            values = [at[n].get(v, {}).get(m) for n in names for m in metrics]
+            lines.append("| " + " | ".join([v, *map(_cell, values)]) + " |")
+        out.append("\n".join(lines))
+    head = ["model", *(f"{n}: {m}" for n in names for m in (PROB_KEY, *metrics))]
+    lines = ["**Reference models (at their own P̄)**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
+    for method in sorted({m for n in names for m in by_method[n]}):
+        values = [by_method[n].get(method, {}).get(k) for n in names for k in (PROB_KEY, *metrics)]
+        lines.append("| " + " | ".join([method, *(_cell(_number(x)) for x in values)]) + " |")
+    out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
-from kfade.eval.matched import matched_csv, matched_markdown, matched_rows, variant
+from kfade.eval.matched import matched_csv, matched_markdown, matched_rows, regimes_markdown, variant
 from kfade.eval.report_plots import write_pareto_plot
 from kfade.eval.tofu_logs import aggregate_tofu_logs, read_tofu_logs
 from kfade.tracking import RESULTS_FILE, read_results
 
-REFERENCE_METHODS = ("retrain", "reference")  # models every job is compared against, shown once each
+REFERENCE_METHODS = ("retrain", "reference", "noise_floor")  # models every job is compared against, shown once
+#                                                            each (noise_floor: the second retrain seed, if run)
 METRIC_COLUMNS = ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain",
                   "forget/prob")
 TIME_COLUMNS = ("time/fit_s", "time/unlearn_s")
@@ -148,6 +149,23 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
     write_pareto_plot(sweep.rows, root / "pareto.png", REFERENCE_METHODS, group=variant)
     heading = "\nAt matched forget P̄ (interpolated; — = outside the swept range):\n\n"
     return sweep, markdown + heading + outputs["matched.md"]
+
+
+def write_regimes_report(root: str | os.PathLike) -> str:
+    """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
+    ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): the matched tables side by
+    side, then the reference models of each regime. Returns the text."""
+    root = Path(root)
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and next(d.rglob(RESULTS_FILE), None)) \
+        if root.is_dir() else []
+    if not dirs:
+        raise ConfigError("report.regimes", str(root), f"no subdirectory with a {RESULTS_FILE} (one per regime)")
+    rows = {d.name: collect_results(d).rows for d in dirs}
+    text = regimes_markdown({name: matched_rows(r, exclude_methods=REFERENCE_METHODS) for name, r in rows.items()},
+                            {name: [x for x in r if x.get("method") in REFERENCE_METHODS] for name, r in rows.items()})
+    with atomic_path(root / "regimes.md") as tmp:
+        tmp.write_text(text)
+    return text
 
 
 def aggregate_log_dirs(tofu_logs: str | os.PathLike, retain_logs: str | os.PathLike) -> dict[str, float]:

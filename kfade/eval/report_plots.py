@@ -19,7 +19,7 @@ from kfade.cache import atomic_path
 PANELS = (("model_utility", "forget_quality", "forget quality vs model utility"),
           ("kl_retrain/retain", "forget_quality", "forget quality vs output-space KL to retrain (retain set)"),
           ("forget/prob", "kl_reference/retain", "retain outputs changed vs forget P̄ (lower-left is better)"))
-REFERENCE_MARKERS = {"retrain": "*", "reference": "X"}
+REFERENCE_MARKERS = {"retrain": "*", "reference": "X", "noise_floor": "P"}
 LOG_SPAN = 10.0  # a log axis when the positive values span more than this factor
 
 
