@@ -81,6 +81,7 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
     (["experiment=mini_tofu_pretrained", "dataset.general=null"], "model.pretrain", "'set'"),
     (["model.recipe.replay=64"], "model.recipe.replay", "64"),  # rehearsal without a pretrained base
     (["experiment=mini_tofu_pretrained", "model.recipe.replay=-1"], "model.recipe.replay", "-1"),
+    (["experiment=mini_tofu_pretrained", "+model.pretrain.replay=8"], "model.pretrain.replay", "8"),
     (["experiment=mini_wmdp", "+dataset.general=python_docs"], "dataset.general", "'python_docs'"),
     (["curvature.damping=nan"], "curvature.damping", "nan"),
     (["curvature.damping=-1"], "curvature.damping", "-1.0"),

@@ -48,3 +48,6 @@ class ModelConfig:
                               "rehearses a pretrained base's text: set model.pretrain, or replay: 0")
         if self.pretrain is not None:
             self.pretrain.validate("model.pretrain")
+            if self.pretrain.replay:
+                raise ConfigError("model.pretrain.replay", self.pretrain.replay,
+                                  "pretraining has nothing to rehearse; replay is for finetuning (model.recipe.replay)")
