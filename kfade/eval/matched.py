@@ -111,12 +111,18 @@ def matched_csv(records: list[dict]) -> str:
 
 def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict]],
                      metrics=REGIME_METRICS) -> str:
-    """Regimes side by side: per level a table with a row per variant and, for each regime (``matched``: its
-    :func:`matched_rows`), a column per metric; then the reference models of each regime (``models``: rows
-    with ``method`` and their own ``forget/prob``) at their own P̄. "—": no value."""
+    """Regimes side by side: the reference models of each regime (``models``: rows with ``method`` and their own
+    ``forget/prob``) at their own P̄, then per level a table with a row per variant and, for each regime
+    (``matched``: its :func:`matched_rows`), a column per metric. "—": no value."""
     names = list(matched)
+    head = ["model", *(f"{n}: {m}" for n in names for m in (PROB_KEY, *metrics))]
+    lines = ["**Reference models (at their own P̄)**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
+    for method in sorted({m for n in names for m in by_method[n]}):
+        values = [by_method[n].get(method, {}).get(k) for n in names for k in (PROB_KEY, *metrics)]
+        lines.append("| " + " | ".join([method, *(_cell(_number(x)) for x in values)]) + " |")
+    out = ["\n".join(lines)]
     head = ["method", *(f"{n}: {m}" for n in names for m in metrics)]
-    out = []
     for level in sorted({r["forget_prob"] for rs in matched.values() for r in rs}, reverse=True):
         at = {n: {r["variant"]: r for r in matched[n] if r["forget_prob"] == level} for n in names}
         lines = [f"**Forget P̄ = {level:g}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -124,11 +130,4 @@ def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict
             values = [at[n].get(v, {}).get(m) for n in names for m in metrics]
             lines.append("| " + " | ".join([v, *map(_cell, values)]) + " |")
         out.append("\n".join(lines))
-    head = ["model", *(f"{n}: {m}" for n in names for m in (PROB_KEY, *metrics))]
-    lines = ["**Reference models (at their own P̄)**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
-    for method in sorted({m for n in names for m in by_method[n]}):
-        values = [by_method[n].get(method, {}).get(k) for n in names for k in (PROB_KEY, *metrics)]
-        lines.append("| " + " | ".join([method, *(_cell(_number(x)) for x in values)]) + " |")
-    out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
