@@ -1,5 +1,7 @@
 """Model loading by local path (with clear errors), and the tiny trainer's stop-at-memorisation rule."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -80,6 +82,10 @@ def test_finetuning_starts_from_the_given_base_model(tokenizer, tmp_path, monkey
     finetuned = trained_tiny_model("t-ref", tokenizer_dir, rows, [], spec, still, init_from=base)
     scratch = trained_tiny_model("t-ref", tokenizer_dir, rows, [], spec, still)
     assert finetuned != scratch  # the base is part of the cache key
+    rehearsing = dataclasses.replace(still, replay=1)
+    texts = ["Paris is the capital of France."]
+    assert trained_tiny_model("t-ref", tokenizer_dir, rows, [], spec, rehearsing, init_from=base,
+                              replay=texts) not in (finetuned, scratch)  # so are the rehearsal and its texts
     weights = [LlamaForCausalLM.from_pretrained(d).state_dict() for d in (base, finetuned, scratch)]
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
     assert not all(torch.allclose(weights[0][k], weights[2][k], atol=1e-3) for k in weights[0])
