@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: K-FADE (default: CG steps, EK-FAC preconditioner) against gradient ascent, GradDiff and NPO on
-# mini-TOFU forget10, then the table and Pareto plots. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
+# mini-TOFU forget10, then the table and Pareto plots. The first run trains the tiny reference and retrain models
+# (~3 min on 2 cores).
 #   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
