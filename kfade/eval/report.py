@@ -153,11 +153,12 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
 
 def write_regimes_report(root: str | os.PathLike) -> str:
     """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
-    ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): the matched tables side by
-    side, then the reference models of each regime. Returns the text."""
+    ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): each regime's reference
+    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``). Returns the text."""
     root = Path(root)
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and next(d.rglob(RESULTS_FILE), None)) \
-        if root.is_dir() else []
+    if not root.is_dir():
+        raise ConfigError("report.regimes", str(root), "not a directory")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and next(d.rglob(RESULTS_FILE), None))
     if not dirs:
         raise ConfigError("report.regimes", str(root), f"no subdirectory with a {RESULTS_FILE} (one per regime)")
     rows = {d.name: collect_results(d).rows for d in dirs}
