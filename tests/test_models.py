@@ -7,9 +7,10 @@ import torch
 from conftest import make_tiny_llama
 from transformers import LlamaForCausalLM
 
-from kfade.data.formatting import QAFormatter, pad_id
+from kfade.data.formatting import QAFormatter, collate, pad_id
 from kfade.errors import ConfigError
 from kfade.models.load import load_model
+from kfade.models.logits import label_logits
 from kfade.models.mini import trained_tiny_model
 from kfade.models.tiny import TinyLlamaSpec
 from kfade.models.train import TrainRecipe, train_causal_lm
@@ -92,8 +93,6 @@ def test_finetuning_starts_from_the_given_base_model(tokenizer, tmp_path, monkey
 
 
 def _text_nll(model, features, pad):
-    from kfade.data.formatting import collate
-    from kfade.models.logits import label_logits
     with torch.no_grad():
         out = label_logits(model, collate(features, pad))
         return float(torch.nn.functional.cross_entropy(out.logits, out.labels))

@@ -88,15 +88,17 @@ def columns_of(records: list[dict]) -> list[str]:
     return [*MATCHED_METRICS, *(m for m in GENERAL_METRICS if any(r.get(m) is not None for r in records))]
 
 
+def markdown_cells(head: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table of ready-formatted cells (no trailing newline)."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(cells) + " |" for cells in rows)])
+
+
 def matched_markdown(records: list[dict]) -> str:
     metrics = columns_of(records)
-    columns = ["variant", "forget_prob", *metrics]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in records:
-        cells = [r["variant"], f"{r['forget_prob']:g}"]
-        cells += ["—" if r[m] is None else f"{r[m]:.4g}" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[r["variant"], f"{r['forget_prob']:g}", *("—" if r[m] is None else f"{r[m]:.4g}" for m in metrics)]
+            for r in records]
+    return markdown_cells(["variant", "forget_prob", *metrics], rows) + "\n"
 
 
 def matched_csv(records: list[dict]) -> str:
@@ -115,19 +117,16 @@ def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict
     ``forget/prob``) at their own P̄, then per level a table with a row per variant and, for each regime
     (``matched``: its :func:`matched_rows`), a column per metric. "—": no value."""
     names = list(matched)
-    head = ["model", *(f"{n}: {m}" for n in names for m in (PROB_KEY, *metrics))]
-    lines = ["**Reference models (at their own P̄)**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
-    for method in sorted({m for n in names for m in by_method[n]}):
-        values = [by_method[n].get(method, {}).get(k) for n in names for k in (PROB_KEY, *metrics)]
-        lines.append("| " + " | ".join([method, *(_cell(_number(x)) for x in values)]) + " |")
-    out = ["\n".join(lines)]
+    keys = (PROB_KEY, *metrics)
+    rows = [[method, *(_cell(_number(by_method[n].get(method, {}).get(k))) for n in names for k in keys)]
+            for method in sorted({m for n in names for m in by_method[n]})]
+    out = ["**Reference models (at their own P̄)**\n\n"
+           + markdown_cells(["model", *(f"{n}: {k}" for n in names for k in keys)], rows)]
     head = ["method", *(f"{n}: {m}" for n in names for m in metrics)]
     for level in sorted({r["forget_prob"] for rs in matched.values() for r in rs}, reverse=True):
         at = {n: {r["variant"]: r for r in matched[n] if r["forget_prob"] == level} for n in names}
-        lines = [f"**Forget P̄ = {level:g}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for v in sorted({v for n in names for v in at[n]}):
-            values = [at[n].get(v, {}).get(m) for n in names for m in metrics]
-            lines.append("| " + " | ".join([v, *map(_cell, values)]) + " |")
-        out.append("\n".join(lines))
+        rows = [[v, *(_cell(at[n].get(v, {}).get(m)) for n in names for m in metrics)]
+                for v in sorted({v for n in names for v in at[n]})]
+        out.append(f"**Forget P̄ = {level:g}**\n\n" + markdown_cells(head, rows))
     return "\n\n".join(out) + "\n"
