@@ -172,6 +172,8 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
     timings = getattr(method, "timings", {})
+    if "skipped" in history[-1]:
+        print(f"note: {cfg.method.name} took no step: {history[-1]['skipped']}", flush=True)
     delta = compute_delta(before, model)
     metrics, record = suite.score(model)
     if cfg.reapply.epochs > 0:
@@ -183,9 +185,10 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
                                        "base_fingerprint": model_fingerprint(suite.reference)})
         tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     curvature = method.curvature_cfg if getattr(method, "uses_curvature", False) else None
-    return {**metrics, **hyperparameters(method.cfg, curvature, cfg.dataset.fit_sets),
+    return {**metrics, **hyperparameters(method.cfg, curvature, suite.dataset.fit_set_names()),
             "time/fit_s": timings.get("fit_s", 0.0), "time/unlearn_s": timings.get("unlearn_s", elapsed),
-            "steps": len(history), **{f"last_step/{k}": v for k, v in history[-1].items() if k != "step"}}
+            "steps": len(history) - 1, "splits": sum(r.get("splits", 0) for r in history),
+            **{f"last_step/{k}": v for k, v in history[-1].items() if k != "step"}}
 
 
 def reapply(suite, delta: dict, cfg: DictConfig, progress: bool) -> dict:

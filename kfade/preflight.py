@@ -84,11 +84,11 @@ def require_split_file(directory: Path, name: str, key: str, value) -> None:
 def check_tofu(dataset: DatasetConfig, directory: Path | None) -> None:
     """Forget split and fitting sets by name; every split file of a local directory present and non-empty."""
     require_one_of("dataset.forget_split", dataset.forget_split, sorted(mini_tofu.RETAIN_OF))
-    for name in dataset.fit_sets:
+    for name in dataset.fit_set_names():
         require_one_of("dataset.fit_sets", name, FIT_SETS)
     if dataset.general is not None:
         require_one_of("dataset.general", dataset.general, CORPORA)
-    elif "general" in dataset.fit_sets:
+    elif "general" in dataset.fit_set_names():
         raise ConfigError("dataset.fit_sets", "general", "needs a general corpus: set dataset.general")
     if directory is None:
         return
@@ -100,7 +100,7 @@ def check_tofu(dataset: DatasetConfig, directory: Path | None) -> None:
 
 def check_wmdp(dataset: DatasetConfig, directory: Path | None) -> None:
     """WMDP fits on the retain corpus, loads from ``mini`` or a directory holding the corpora and MCQ files."""
-    if dataset.fit_sets != ["retain"]:
+    if dataset.fit_set_names() != ["retain"]:
         raise ConfigError("dataset.fit_sets", dataset.fit_sets, "WMDP fits on the retain corpus: [retain]")
     if dataset.general is not None:
         raise ConfigError("dataset.general", dataset.general, "only TOFU scores a general corpus; WMDP: null")

@@ -39,9 +39,10 @@ def reference_gradient(tokenizer) -> dict:
 
 
 def run(model, data, cache, curvature=IDENTITY, **cfg):
-    """One plain direct trust-region step unless the test says otherwise."""
+    """One plain direct trust-region step (no quadratic-regime check) unless the test says otherwise."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = {"n_steps": 1, "max_backtracks": 0, "solver": "direct", "step_rule": "trust_region", **cfg}
+    cfg = {"n_steps": 1, "max_backtracks": 0, "solver": "direct", "step_rule": "trust_region", "max_kl_ratio": None,
+           **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     history = method.run(model, data)
     return method, history, step_taken(before, model)
@@ -105,11 +106,12 @@ def test_trust_region_sets_the_damped_quadratic_form(tokenizer, tmp_path):
 def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
     data, records = qa_data(tokenizer), []
     curvature = CurvatureConfig(estimator="ekfac", damping=0.1, damping_mode="relative")
-    method = build_method("kfade", {"step_size": 0.5, "step_rule": "normalized", "n_steps": 3, "solver": "direct"},
-                          curvature=curvature, cache_root=tmp_path)
+    method = build_method("kfade", {"step_size": 0.5, "step_rule": "normalized", "n_steps": 3, "max_steps": 3,
+                                    "solver": "direct"}, curvature=curvature, cache_root=tmp_path)
     history = method.run(make_tiny_llama(tokenizer), data, log=records.append)
     assert records == history and [r["step"] for r in history] == [0, 1, 2, 3]
-    assert set(history[1]) == {"step", "forget_nll", "forget_prob", "retain_kl", "predicted_kl", "step_norm", "eta"}
+    assert set(history[1]) == {"step", "forget_nll", "forget_prob", "retain_kl", "predicted_kl", "step_norm", "eta",
+                               "check_kl", "check_predicted_kl", "kl_ratio", "splits"}
     assert history[3]["forget_nll"] > history[0]["forget_nll"] and all(r["retain_kl"] > 0 for r in history[1:])
     assert set(method.timings) == {"fit_s", "unlearn_s"}
     stored = sorted(tmp_path.iterdir())
@@ -121,7 +123,8 @@ def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
 def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3, "solver": "direct"},
+    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3, "solver": "direct",
+                                    "max_kl_ratio": None},
                           curvature=IDENTITY, cache_root=tmp_path)
     with pytest.warns(UserWarning, match="K-FADE step 1 rejected"):
         history = method.run(model, qa_data(tokenizer))
@@ -135,7 +138,8 @@ def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
                                           ("damping_mode", "scaled"), ("solver", "lu"), ("cg_iters", 0),
                                           ("cg_tol", -1.0), ("cg_damping", float("nan")),
                                           ("cg_damping_mode", "scaled"), ("cg_batches", 0), ("ggn_mode", "reverse"),
-                                          ("target_forget_prob", 1.0), ("target_forget_prob", 0.0)])
+                                          ("target_forget_prob", 1.0), ("target_forget_prob", 0.0),
+                                          ("max_steps", 2), ("max_kl_ratio", 0.5), ("check_batches", 0)])
 def test_bad_kfade_config_names_its_field(field, value):
     with pytest.raises(ConfigError, match=rf"^method\.{field}="):
         KFadeConfig(**{field: value})

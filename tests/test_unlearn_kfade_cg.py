@@ -1,5 +1,6 @@
 """K-FADE with the CG solver and matched-forget steps: the step equals a dense solve with the exact GGN, λ's
-relative scale, residual logging, and the target_forget step rule reaching its P̄."""
+relative scale, residual logging, the target_forget step rule reaching its P̄, the skip at a start below the
+target, and the quadratic-regime safeguard (its prediction against a dense GGN; its split of a long step)."""
 
 import math
 
@@ -23,7 +24,8 @@ def problem():
 
 
 def run(model, data, cache, curvature, records=None, **cfg):
-    method = build_method("kfade", {"solver": "cg", "n_steps": 1, **cfg}, curvature=curvature, cache_root=cache)
+    method = build_method("kfade", {"solver": "cg", "n_steps": 1, "max_kl_ratio": None, **cfg}, curvature=curvature,
+                          cache_root=cache)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     history = method.run(model, data, log=None if records is None else records.append)
     delta = {n: p.detach() - before[n] for n, p in model.named_parameters()}
@@ -128,3 +130,47 @@ def test_step_search_stops_when_the_target_is_out_of_reach(problem):
                                  max_evals=12)
     assert search.evaluations <= 12 and search.forget_prob <= scores.prob + 1e-6
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_start_already_below_the_target_takes_no_step(problem, tmp_path):
+    model, data = problem
+    start = mean_answer_prob(model, data.forget)
+    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="target_forget",
+                         target_forget_prob=min(2 * start, 0.99))
+    assert len(history) == 1 and "already at or below" in history[0]["skipped"]
+    assert all(float(d.abs().max()) == 0 for d in delta.values())
+
+
+def test_safeguard_predicts_the_exact_ggn_quadratic_on_its_check_batches(problem, tmp_path):
+    """check_predicted_kl = ½ΔᵀGΔ with G the dense GGN of the check batches at the step's start; check_kl the
+    measured KL on the same batches, which a small step matches to second order."""
+    model, data = problem
+    names = [n for n, _ in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+    check = data.fit[:1]
+    dense = dense_ggn(model, check, names)
+    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), solver="direct",
+                         step_rule="normalized", step_size=1e-3, max_kl_ratio=2.0, max_steps=1, check_batches=1)
+    d = flat(delta, names)
+    assert history[1]["check_predicted_kl"] == pytest.approx(0.5 * float(d @ dense @ d), rel=1e-6)
+    assert history[1]["kl_ratio"] == pytest.approx(1.0, abs=0.05) and history[1]["splits"] == 0
+
+
+def test_safeguard_splits_a_step_that_leaves_the_quadratic_regime(problem, tmp_path):
+    """A long step whose measured KL is far from its quadratic prediction (here: saturating, 0.17× of it) is undone
+    and halved, one more step planned each time, until measured / predicted is within [1/2, 2]; every split is
+    logged."""
+    model, data = problem
+    records = []
+    common = {"solver": "direct", "step_rule": "normalized", "step_size": 1.0, "n_steps": 1}
+    unchecked, _ = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), max_kl_ratio=2.0, max_steps=1,
+                       **common)
+    assert unchecked[1]["kl_ratio"] < 0.5 and unchecked[1]["splits"] == 0  # left the quadratic regime; at the cap
+    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), records, max_kl_ratio=2.0,
+                         max_steps=6, **common)
+    first = history[1]
+    assert first["splits"] >= 1 and 0.5 <= first["kl_ratio"] <= 2.0
+    assert first["step_norm"] == pytest.approx(common["step_size"] / 2 ** first["splits"], rel=1e-6)
+    splits = [r for r in records if "split/step" in r]
+    assert len(splits) == sum(r.get("splits", 0) for r in history)
+    assert splits[0]["split/kl_ratio"] == pytest.approx(unchecked[1]["kl_ratio"], rel=1e-6)
+    assert len(history) - 1 == 1 + len(splits) <= 6  # each split added a step, up to max_steps

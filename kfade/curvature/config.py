@@ -9,7 +9,7 @@ from kfade.errors import ConfigError, require_range
 
 ESTIMATORS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("mc", "empirical", "exact")
-DAMPING_MODES = ("absolute", "relative")
+DAMPING_MODES = ("absolute", "relative", "global")
 FACTOR_DTYPES = ("float32", "bfloat16")
 OFFLOADS = ("none", "cpu", "disk")
 # Fields that do not change the fitted factors, hence not part of the curvature cache key: used when
@@ -28,8 +28,8 @@ class CurvatureConfig:
     estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity
     fisher: str = "mc"  # mc (labels sampled from the model) | empirical (data labels) | exact (all classes)
     mc_samples: int = 1  # label draws per token for fisher=mc
-    damping: float = 0.1  # δ (absolute) or α in δ = α·mean eigenvalue of the layer (relative); ≥ 0
-    damping_mode: str = "relative"  # absolute | relative
+    damping: float = 0.1  # δ (absolute) or α in δ = α·mean eigenvalue of each layer (relative) or of Ĝ (global)
+    damping_mode: str = "relative"  # absolute | relative (per layer) | global (one δ for every layer)
     modules: str = DEFAULT_MODULES  # regex searched in nn.Linear module names (re.search)
     max_batches: int | None = None  # stop after this many batches (None: all)
     max_tokens: int | None = None  # stop once this many label tokens were used (None: all)

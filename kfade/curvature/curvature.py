@@ -61,25 +61,32 @@ class Curvature:
         return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
 
     def mean_eigenvalue(self) -> float | None:
-        """tr(Ĝ) / (number of covered parameters), the scale of a relative λ; None for the identity (no data).
-        For EK-FAC and the diagonal, tr(Ĝ) estimates tr(G) without bias (the diagonals match in expectation)."""
+        """tr(Ĝ) / (number of covered parameters), the scale of a relative λ and of global damping; None for the
+        identity (no data). For EK-FAC and the diagonal, tr(Ĝ) estimates tr(G) without bias (the diagonals match
+        in expectation). Computed once (the factors do not change)."""
         if self.config.estimator == "identity":
             return None
-        total = sum(float(self.eigenvalues(spec).double().sum()) for spec in self.layers)
-        return total / sum(spec.out_features * spec.in_features for spec in self.layers)
+        if not hasattr(self, "_mean_eigenvalue"):
+            total = sum(float(self.eigenvalues(spec).double().sum()) for spec in self.layers)
+            self._mean_eigenvalue = total / sum(spec.out_features * spec.in_features for spec in self.layers)
+        return self._mean_eigenvalue
 
     def precondition(self, grads: dict[str, torch.Tensor], damping: float | None = None,
                      damping_mode: str | None = None, shift: float = 0.0) -> dict[str, torch.Tensor]:
-        """(Ĝ + δI)⁻¹ g per layer, V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ; δ = ``damping`` (absolute) or
-        ``damping``·mean(Λ) of the layer (relative), plus ``shift`` (absolute: e.g. the λ of a system
-        (G + λI)x = g this preconditions). Defaults from the config; computed in fp32 (fp64 for a fp64 fit),
-        returned in each grad's dtype under the same keys. Cached tensors are never modified."""
+        """(Ĝ + δI)⁻¹ g per layer, V = Q_S[(Q_Sᵀ ∇W̄ Q_A) / (Λ + δ)]Q_Aᵀ; δ = ``damping`` (absolute),
+        ``damping``·mean(Λ) of the layer (relative) or ``damping``·tr(Ĝ)/n over all covered layers (global: one δ,
+        so layers with small curvature are damped as much as the others in absolute terms), plus ``shift``
+        (absolute: e.g. the λ of a system (G + λI)x = g this preconditions). Defaults from the config; computed
+        in fp32 (fp64 for a fp64 fit), returned in each grad's dtype under the same keys. Cached tensors are never
+        modified."""
         damping = self.config.damping if damping is None else damping
         damping_mode = self.config.damping_mode if damping_mode is None else damping_mode
         if not float(damping) >= 0:
             raise ConfigError("damping", damping, "must be ≥ 0")
         if damping_mode not in DAMPING_MODES:
             raise ConfigError("damping_mode", damping_mode, f"must be one of {', '.join(DAMPING_MODES)}")
+        if damping_mode == "global":
+            damping, damping_mode = damping * (self.mean_eigenvalue() or 1.0), "absolute"
         out = {}
         for spec, g in self._augmented(grads, "grads"):
             eigvals = self.eigenvalues(spec).to(g)

@@ -103,6 +103,13 @@ def text_batches(texts: Iterable[str], formatter: QAFormatter, batch_size: int,
     return batched(feats, batch_size, pad_id(formatter.tokenizer), shuffle_seed)
 
 
+def evenly_spaced(items: Sequence, count: int | None) -> list:
+    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or not smaller)."""
+    if count is None or count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def pad_id(tokenizer) -> int:
     """The pad token id, falling back to EOS (common for causal LMs that ship without a pad token)."""
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

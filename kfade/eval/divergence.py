@@ -2,7 +2,8 @@
 
 KL(p ‖ q) = Σ_v p(v) (log p(v) − log q(v)) in nats, over the next-token distributions at every label token
 (labels ≠ -100) of the batches, averaged over all those tokens. Logits are upcast to fp32 before the softmax,
-so the two models may have any dtypes (and devices).
+so the two models may have any dtypes (and devices). A KL is ≥ 0; the fp32 rounding of identical distributions
+can make a mean slightly negative (−6.6e-09 was seen), so the reported mean is clamped at 0.
 """
 
 from __future__ import annotations
@@ -33,4 +34,4 @@ def mean_token_kl(reference_model: torch.nn.Module, model: torch.nn.Module,
             tokens += kl.numel()
     if tokens == 0:
         raise ConfigError("batches", tokens, "no label tokens (labels all -100): the mean KL is undefined")
-    return total / tokens
+    return max(total / tokens, 0.0)

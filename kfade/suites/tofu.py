@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kfade.data.config import DatasetConfig
-from kfade.data.formatting import qa_batches, text_batches
+from kfade.data.formatting import evenly_spaced, qa_batches, text_batches
 from kfade.data.general_text import GeneralText, load_general_text
 from kfade.data.tofu import TofuData, load_tofu
 from kfade.errors import ConfigError
@@ -61,10 +61,11 @@ class TofuSuite(Suite):
         return text_batches(texts, self.formatter, self.dataset.batch_size)
 
     def unlearn_data(self) -> UnlearnData:
-        """Forget/retain batches and the curvature fitting set ``dataset.fit_sets``: QA rows concatenated, then
-        the first ``GENERAL_FIT_ROWS`` training paragraphs of the general corpus for ``general``."""
+        """Forget/retain batches and the curvature fitting set ``dataset.fit_set_names()``: QA rows concatenated,
+        then the first ``GENERAL_FIT_ROWS`` training paragraphs of the general corpus for ``general``; at most
+        ``dataset.fit_max_batches`` of those batches, evenly spaced (so every set keeps its share)."""
         fit_rows, fit_texts = [], []
-        for name in self.dataset.fit_sets:
+        for name in self.dataset.fit_set_names():
             if name not in FIT_SETS:
                 raise ConfigError("dataset.fit_sets", name, f"unknown set; choose from {list(FIT_SETS)}")
             if name != "general":
@@ -73,8 +74,8 @@ class TofuSuite(Suite):
                 raise ConfigError("dataset.fit_sets", name, "needs a general corpus: set dataset.general")
             else:
                 fit_texts = self.general.train[:GENERAL_FIT_ROWS]
-        return UnlearnData(forget=self.batches(self.data.forget), retain=self.batches(self.data.retain),
-                           fit=self.batches(fit_rows) + self.text_batches(fit_texts),
+        fit = evenly_spaced(self.batches(fit_rows) + self.text_batches(fit_texts), self.dataset.fit_max_batches)
+        return UnlearnData(forget=self.batches(self.data.forget), retain=self.batches(self.data.retain), fit=fit,
                            kl_probe=self.batches(self.data.retain_perturbed), forget_split=self.dataset.forget_split)
 
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict]]:

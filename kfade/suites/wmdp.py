@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kfade.data.config import DatasetConfig
-from kfade.data.formatting import text_batches
+from kfade.data.formatting import evenly_spaced, text_batches
 from kfade.data.wmdp import WmdpData, load_wmdp
 from kfade.errors import ConfigError
 from kfade.eval.config import EvalConfig
@@ -47,10 +47,11 @@ class WmdpSuite(Suite):
         return [self.formatter.encode_text(t) for t in self.data.retain_corpus]
 
     def unlearn_data(self) -> UnlearnData:
-        if self.dataset.fit_sets != ["retain"]:
+        if self.dataset.fit_set_names() != ["retain"]:
             raise ConfigError("dataset.fit_sets", self.dataset.fit_sets, "WMDP fits on the retain corpus: [retain]")
         retain = self.batches(self.data.retain_corpus)
-        return UnlearnData(forget=self.batches(self.data.forget_corpus), retain=retain, fit=retain,
+        return UnlearnData(forget=self.batches(self.data.forget_corpus), retain=retain,
+                           fit=evenly_spaced(retain, self.dataset.fit_max_batches),
                            forget_split="forget_corpora")
 
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], None]:

@@ -3,6 +3,12 @@
 A baseline subclasses :class:`FirstOrderMethod` and overrides :meth:`loss` (and :meth:`prepare` when it needs
 reference state such as a frozen model, :meth:`trainable` when it updates only some parameters). One epoch is
 one pass over the forget batches; retain batch ``i mod len(retain)`` accompanies forget batch ``i``.
+
+Matched forgetting (``target_forget_prob``): the forget-set P̄ is measured every ``check_every`` optimizer steps
+and training stops at the first check where P̄ ≤ the target (``epochs`` is then a cap). The last interval is
+bisected: the weights are set to θ_prev + α(θ_now − θ_prev), θ_prev those of the previous check, with α ∈ (0, 1]
+found by the same log-scale search as K-FADE's η (``kfade.unlearn.step_search``), so the run ends at the target
+P̄ (within the search's tolerance) whatever the learning rate.
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from kfade.unlearn.base import (
     non_finite,
     require_nonnegative,
     require_positive,
+    restore,
+    snapshot,
 )
-from kfade.unlearn.losses import RetainKLProbe, forget_nll
+from kfade.unlearn.losses import RetainKLProbe, forget_scores, mean_answer_prob
+from kfade.unlearn.step_search import eta_for_forget_prob
 
 
 @dataclass
@@ -34,22 +43,29 @@ class FirstOrderConfig:
     epochs: int = 5  # passes over the forget set
     lr: float = 1e-5  # AdamW learning rate (constant)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
+    target_forget_prob: float | None = None  # stop once the forget-set P̄ is ≤ this (None: run every epoch)
+    check_every: int = 1  # optimizer steps between forget-P̄ checks (with target_forget_prob)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        require_positive(self, "epochs", "lr")
+        require_positive(self, "epochs", "lr", "check_every")
         require_nonnegative(self, "weight_decay")
+        if self.target_forget_prob is not None and not 0 < self.target_forget_prob < 1:
+            raise ConfigError("method.target_forget_prob", self.target_forget_prob, "must be in (0, 1), or null")
 
 
 class FirstOrderMethod:
     """AdamW on :meth:`loss` for ``cfg.epochs`` epochs; history: one record per epoch (epoch 0 = the start).
 
     Record keys: ``epoch``, ``loss`` (mean training loss of the epoch), ``forget_nll`` (L_f, nats/token),
-    ``retain_kl`` (mean per-token KL from the starting model on ``data.kl_probe``). A non-finite training loss or
-    gradient stops the run before that update is applied (record ``stopped``: ``"non-finite loss"`` or
-    ``"non-finite gradient in <parameter>"``).
+    ``forget_prob`` (forget-set P̄), ``retain_kl`` (mean per-token KL from the starting model on ``data.kl_probe``,
+    logged only), ``optimizer_steps``. A non-finite training loss or gradient stops the run before that update is
+    applied (record ``stopped``: ``"non-finite loss"`` or ``"non-finite gradient in <parameter>"``). With
+    ``target_forget_prob`` (module docstring) each check is logged as ``{"check/step", "check/forget_prob"}``, the
+    last record has ``target_reached`` and, once reached, ``interval_fraction`` (α of the bisected interval); a
+    start already at or below the target trains nothing (``skipped`` in the epoch-0 record).
     ``timings["unlearn_s"]``: wall time of the whole run.
     """
 
@@ -83,12 +99,19 @@ class FirstOrderMethod:
         start = time.perf_counter()
         probe = RetainKLProbe(model, data.kl_probe)
         self.prepare(model, data)
-        history = [{"epoch": 0, "forget_nll": forget_nll(model, data.forget), "retain_kl": 0.0}]
+        scores = forget_scores(model, data.forget)
+        history = [{"epoch": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0}]
+        target = self.cfg.target_forget_prob
+        if target is not None and scores.prob <= target:
+            history[0]["skipped"] = (f"forget P̄ {scores.prob:.4g} is already at or below "
+                                     f"method.target_forget_prob={target:g}: no update")
         emit(history[-1])
         names = self.trainable(model)
+        steps, reached = 0, None
         with requires_grad_only(model, names) as params:
             optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-            for epoch in range(1, self.cfg.epochs + 1):
+            last_check = snapshot(model, names) if target is not None else None
+            for epoch in range(1, 0 if "skipped" in history[0] else self.cfg.epochs + 1):
                 losses = []
                 for i, batch in enumerate(tqdm(data.forget, desc=f"epoch {epoch}", leave=False,
                                                disable=not self.progress)):
@@ -104,16 +127,41 @@ class FirstOrderMethod:
                         break
                     optimizer.step()
                     losses.append(loss.item())
-                record = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1),
-                          "forget_nll": forget_nll(model, data.forget), "retain_kl": probe(model)}
+                    steps += 1
+                    if target is not None and steps % self.cfg.check_every == 0:
+                        prob = mean_answer_prob(model, data.forget)
+                        emit({"check/step": steps, "check/forget_prob": prob})
+                        if prob <= target:
+                            reached = self.bisect_last_interval(model, names, last_check, data, target)
+                            break
+                        last_check = snapshot(model, names)
+                scores = forget_scores(model, data.forget)
+                record = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "forget_nll": scores.nll,
+                          "forget_prob": scores.prob, "retain_kl": probe(model), "optimizer_steps": steps}
                 if stopped is not None:
                     record["stopped"] = stopped
                     warnings.warn(f"{type(self).__name__}: {stopped} in epoch {epoch}; stopped before that update",
                                   stacklevel=2)
                 history.append(record)
                 emit(record)
-                if stopped:
+                if stopped or reached is not None:
                     break
             optimizer.zero_grad(set_to_none=True)
+        if target is not None:
+            history[-1] |= {"target_reached": reached is not None} | (
+                {"interval_fraction": reached} if reached is not None else {})
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history
+
+    @torch.no_grad()
+    def bisect_last_interval(self, model: torch.nn.Module, names: list[str], last_check: dict[str, torch.Tensor],
+                             data: UnlearnData, target: float) -> float:
+        """Move the weights to θ_prev + α(θ_now − θ_prev) with P̄ ≈ ``target``; returns α ∈ (0, 1]."""
+        params = dict(model.named_parameters())
+        update = {n: params[n].detach() - last_check[n].to(params[n].device) for n in names}
+        restore(model, last_check)
+        search = eta_for_forget_prob(model, update, data.forget, target, eta0=1.0)
+        alpha = min(search.eta, 1.0)
+        for n in names:
+            params[n].add_(alpha * update[n])
+        return alpha

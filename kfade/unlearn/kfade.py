@@ -20,11 +20,23 @@ Step rules (η):
 - ``normalized``: η = ``step_size`` / ‖p‖₂, so ‖Δ‖₂ = ``step_size`` over the covered parameters.
 - ``trust_region``: η = sqrt(2ε / gᵀp), ε = ``kl_budget``: ½Δᵀ(G+λI)Δ = ε with the solver's G (Ĝ for direct),
   since gᵀp = pᵀ(G+λI)p for an exact solve. With ``max_backtracks`` > 0 the step is also checked against the
-  *measured* retain KL on ``data.kl_probe``: while the KL from the starting model exceeds ``step × kl_budget``,
-  η is halved (a block-diagonal Ĝ can under-predict the KL of its own direction 10–10⁴×).
-- ``target_forget``: η such that the forget-set P̄ (TOFU's ``forget/prob``) after step k of n is
-  P̄₀·(target/P̄₀)^(k/n), ``target_forget_prob`` after the last step: found by a log-scale bisection on η along
-  p (``kfade.unlearn.step_search``; the evaluations are logged). Compares methods at matched forgetting.
+  *measured* KL on the check batches (training batches of the fitting set, never an eval set): while the KL from
+  the starting model exceeds ``step × kl_budget``, η is halved (a block-diagonal Ĝ can under-predict the KL of
+  its own direction 10–10⁴×).
+- ``target_forget``: η such that the forget-set P̄ (TOFU's ``forget/prob``) after this step is
+  P̄·(target/P̄)^(1/r), P̄ the current value and r the steps left, so ``target_forget_prob`` is reached after the
+  last step: found by a log-scale bisection on η along p (``kfade.unlearn.step_search``; the evaluations are
+  logged). Compares methods at matched forgetting. A start already at or below the target takes no step
+  (``skipped`` in the step-0 record).
+
+Quadratic-regime safeguard (``max_kl_ratio``): a Gauss-Newton step is only trusted where the quadratic model
+holds. After each step the mean per-token KL from the step's start is measured on ``check_batches`` training
+batches of the fitting set and compared with ½ΔᵀGΔ of the *exact* G on the same batches at the step's start (one
+GGN product per step). If measured / predicted lies outside [1/``max_kl_ratio``, ``max_kl_ratio``] (a KL growing
+faster than quadratic, or saturating), the step is undone and split: one more step
+is planned (``n_steps`` is the minimum, ``max_steps`` the cap) and this one is shortened — target_forget aims at
+the nearer P̄ of the longer schedule along the same direction, the other rules halve η — then the next step
+re-linearises at its own weights. Each split is logged (``split/…`` records; ``splits`` in the step's record).
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
 from kfade.curvature.ggn import GaussNewton
+from kfade.data.formatting import evenly_spaced
 from kfade.errors import ConfigError
 from kfade.unlearn.base import (
     LogFn,
@@ -63,7 +76,9 @@ from kfade.unlearn.step_search import eta_for_forget_prob
 
 STEP_RULES = ("fixed", "normalized", "trust_region", "target_forget")
 SOLVERS = ("direct", "cg")
+CG_DAMPING_MODES = ("absolute", "relative")
 SEARCH_START_KL = 0.01  # target_forget starts its η search at the trust-region η of this many nats
+TINY_KL = 1e-12  # predicted KLs below this count as this (a zero step has no ratio)
 
 
 @dataclass
@@ -76,10 +91,13 @@ class KFadeConfig:
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
-    n_steps: int = 3  # Gauss-Newton steps, each with a fresh forget gradient (the paper uses 1–5)
-    max_backtracks: int = 12  # trust_region: halvings of η while the measured retain KL exceeds step × kl_budget
-    damping: float | None = None  # δ override (absolute) or α (relative); None → the curvature config's
-    damping_mode: str | None = None  # absolute | relative override; None → the curvature config's
+    n_steps: int = 3  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
+    max_steps: int = 8  # cap on the steps when the safeguard splits them (≥ n_steps; = n_steps: never split)
+    max_kl_ratio: float | None = 2.0  # split a step whose measured KL / ½ΔᵀGΔ is > this or < 1/this (None: off)
+    check_batches: int = 4  # fitting batches (evenly spaced) on which the safeguard measures and predicts KL
+    max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
+    damping: float | None = None  # δ override (absolute) or α (relative, global); None → the curvature config's
+    damping_mode: str | None = None  # absolute | relative | global override; None → the curvature config's
     cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; README: measured)
     cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
@@ -96,9 +114,13 @@ class KFadeConfig:
     def validate(self) -> None:
         require_choice(self, "solver", SOLVERS)
         require_choice(self, "step_rule", STEP_RULES)
-        require_choice(self, "cg_damping_mode", DAMPING_MODES)
+        require_choice(self, "cg_damping_mode", CG_DAMPING_MODES)
         require_choice(self, "ggn_mode", GGN_MODES)
-        require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters")
+        require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches")
+        if self.max_steps < self.n_steps:
+            raise ConfigError("method.max_steps", self.max_steps, f"must be ≥ method.n_steps ({self.n_steps})")
+        if self.max_kl_ratio is not None and not (math.isfinite(self.max_kl_ratio) and self.max_kl_ratio >= 1):
+            raise ConfigError("method.max_kl_ratio", self.max_kl_ratio, "must be a finite number ≥ 1, or null")
         if not 0 < self.target_forget_prob < 1:
             raise ConfigError("method.target_forget_prob", self.target_forget_prob, "must be in (0, 1)")
         require_nonnegative(self, "cg_tol", "cg_damping")
@@ -118,26 +140,37 @@ def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
     return sum(float(t.double().square().sum()) for t in tensors.values())
 
 
+class QuadraticCheck:
+    """Measured against predicted KL of a step on a few training batches of the fitting set.
 
+    Built at the step's start: caches those batches' logits (the measured KL's reference) and one exact GGN product
+    G·p for the step's direction p, so any step Δ = η·p has ½ΔᵀGΔ = ½η²·pᵀGp without another product.
+    """
 
-def evenly_spaced(items: list, count: int | None) -> list:
-    """``count`` items spread evenly over ``items`` (all of them when ``count`` is None or too large)."""
-    if count is None or count >= len(items):
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
+    def __init__(self, model: torch.nn.Module, batches: list, direction: dict[str, torch.Tensor], mode: str):
+        self.probe = RetainKLProbe(model, batches)
+        ggn = GaussNewton(model, batches, list(direction), mode=mode)
+        self.curvature = dot(direction, ggn(direction))  # pᵀGp, nats per token per unit η²
+
+    def __call__(self, model: torch.nn.Module, eta: float) -> tuple[float, float]:
+        """(measured KL from the step's start, predicted ½η²pᵀGp), nats per token."""
+        return self.probe(model), 0.5 * eta**2 * self.curvature
 
 
 class KFade:
-    """``run`` fits/loads the curvature, then takes ``n_steps`` uphill steps in place.
+    """``run`` fits/loads the curvature, then takes ``n_steps`` (up to ``max_steps``) uphill steps in place.
 
     History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0, "zero_eigenvalues"}`` for the start
     (``zero_eigenvalues``: entries of Ĝ's Λ at the ≥ 0 clamp — for K-FAC the products with a factor eigenvalue
-    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.estimators``), then per step
-    ``step``, ``forget_nll`` (L_f after the step, nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl``
-    (measured mean per-token KL from the starting model on ``data.kl_probe``), ``predicted_kl`` (½ΔᵀĜΔ, undamped),
-    ``step_norm`` (‖Δ‖₂), ``eta``; with cg ``cg_iters``, ``cg_residual`` (relative), ``cg_stop``, ``cg_lambda``;
-    with target_forget ``forget_evals``. Each PCG iteration is also logged as ``{"cg/step", "cg/iteration",
-    "cg/residual"}`` (not in the history). Numerical guard: a step whose forget gradient, CG residual, direction,
+    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.estimators``; ``skipped``
+    when the start is already at the target P̄), then per step ``step``, ``forget_nll`` (L_f after the step,
+    nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl`` (measured mean per-token KL from the starting model
+    on ``data.kl_probe``, logged only), ``predicted_kl`` (½ΔᵀĜΔ, undamped), ``step_norm`` (‖Δ‖₂), ``eta``; with
+    the safeguard ``check_kl`` / ``check_predicted_kl`` (measured KL from the step's start and ½ΔᵀGΔ with the exact
+    G, on the check batches), ``kl_ratio`` (their ratio) and ``splits``; with cg ``cg_iters``, ``cg_residual``
+    (relative), ``cg_stop``, ``cg_lambda``; with target_forget ``forget_evals``. Each PCG iteration is also logged
+    as ``{"cg/step", "cg/iteration", "cg/residual"}`` and each split as ``{"split/step", "split/kl_ratio",
+    "split/steps"}`` (not in the history). Numerical guard: a step whose forget gradient, CG residual, direction,
     update or resulting forget loss (logits) is not finite is undone (weights restored bit for bit), recorded with
     ``rejected`` = ``"non-finite <quantity> in <parameter>; weights rolled back"``, warned about, and ends the run
     (the earlier steps stand). ``timings``: ``fit_s`` (curvature fit or cache load), ``unlearn_s`` (steps).
@@ -161,23 +194,6 @@ class KFade:
         if rule == "normalized":
             return self.cfg.step_size / math.sqrt(squared_norm(direction))
         return math.sqrt(2 * kl_budget / dot(grads, direction))
-
-    def checked_step(self, model, direction, eta, saved, probe, step) -> tuple[dict, float | None, int]:
-        """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured retain KL budget.
-
-        Returns (Δ applied, measured retain KL after it or None if Δ is not finite, number of halvings).
-        """
-        backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
-        for halvings in range(backtracks + 1):
-            delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
-            if non_finite("step delta", delta):
-                return delta, None, halvings
-            apply_delta(model, delta)
-            retain_kl = probe(model)
-            if halvings == backtracks or retain_kl <= step * self.cfg.kl_budget:
-                return delta, retain_kl, halvings
-            restore(model, saved)
-        raise AssertionError("unreachable")
 
     def solve(self, model: torch.nn.Module, curvature: Curvature, grads: dict[str, torch.Tensor],
               data: UnlearnData, step: int, warm_start: dict[str, torch.Tensor] | None,
@@ -212,34 +228,77 @@ class KFade:
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
 
-    def step(self, model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe,
-             start_prob) -> tuple[dict, dict | None, dict | None, float | None, str | None]:
-        """Solve for the direction, choose η and apply Δ: ``(record, direction, Δ, retain KL, problem)``;
-        ``problem`` names the first non-finite quantity (forget gradient, CG residual, direction, Δ) and its layer,
-        else None (then Δ is applied)."""
+    def step_eta(self, model, grads, direction, data, prob: float, steps_left: int) -> tuple[float, dict]:
+        """η of this step (and what to log about choosing it); target_forget aims at P̄·(target/P̄)^(1/steps_left)."""
+        if self.cfg.step_rule != "target_forget":
+            return self.eta(grads, direction, self.cfg.kl_budget), {}
+        target = prob * (self.cfg.target_forget_prob / prob) ** (1 / steps_left)
+        search = eta_for_forget_prob(model, direction, data.forget, target,
+                                     self.eta(grads, direction, SEARCH_START_KL))
+        return search.eta, {"forget_evals": search.evaluations}
+
+    def apply_checked(self, model, direction, eta, saved, start_probe, step) -> tuple[dict, int]:
+        """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured KL budget on the check
+        batches (KL from the run's start). Returns (Δ applied, number of halvings); Δ is not applied if not finite.
+        """
+        backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
+        for halvings in range(backtracks + 1):
+            delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
+            if non_finite("step delta", delta):
+                return delta, halvings
+            apply_delta(model, delta)
+            if halvings == backtracks or start_probe(model) <= step * self.cfg.kl_budget:
+                return delta, halvings
+            restore(model, saved)
+        raise AssertionError("unreachable")
+
+    def step(self, model, curvature, grads, data, step, previous, emit, checkpoints, saved, start_probe,
+             prob: float, plan: int) -> tuple[dict, dict | None, dict | None, int, str | None]:
+        """Solve for the direction, choose η, apply Δ and split it while it leaves the quadratic regime:
+        ``(record, direction, Δ, planned steps, problem)``; ``problem`` names the first non-finite quantity
+        (forget gradient, CG residual, direction, Δ) and its layer, else None (then Δ is applied)."""
+        cfg = self.cfg
         record = {"step": step}
         problem = non_finite("forget gradient", grads)
         if problem is not None:
-            return record, None, None, None, problem
+            return record, None, None, plan, problem
         direction, solved = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
         record |= solved
         if solved.get("cg_stop") == "non_finite":
-            return record, None, None, None, f"non-finite CG residual after {solved['cg_iters']} iterations"
+            return record, None, None, plan, f"non-finite CG residual after {solved['cg_iters']} iterations"
         problem = non_finite("step direction", direction)
         if problem is not None:
-            return record, None, None, None, problem
-        if self.cfg.step_rule == "target_forget":
-            target = start_prob * (self.cfg.target_forget_prob / start_prob) ** (step / self.cfg.n_steps)
-            search = eta_for_forget_prob(model, direction, data.forget, target,
-                                         self.eta(grads, direction, SEARCH_START_KL))
-            eta, record["forget_evals"] = search.eta, search.evaluations
-        else:
-            eta = self.eta(grads, direction, self.cfg.kl_budget)
-        delta, retain_kl, halvings = self.checked_step(model, direction, eta, saved, probe, step)
-        record |= {"eta": eta / 2**halvings, "step_norm": math.sqrt(squared_norm(delta))}
+            return record, None, None, plan, problem
+        check = None
+        if cfg.max_kl_ratio is not None:
+            check = QuadraticCheck(model, evenly_spaced(data.fit, cfg.check_batches), direction, cfg.ggn_mode)
+        splits = 0
+        eta, chosen = self.step_eta(model, grads, direction, data, prob, plan - step + 1)
+        while True:
+            delta, halvings = self.apply_checked(model, direction, eta, saved, start_probe, step)
+            if non_finite("step delta", delta):
+                return record, direction, delta, plan, non_finite("step delta", delta)
+            eta_taken = eta / 2**halvings
+            if check is None:
+                break
+            measured, predicted = check(model, eta_taken)
+            ratio = measured / max(predicted, TINY_KL)
+            record |= {"check_kl": measured, "check_predicted_kl": predicted, "kl_ratio": ratio}
+            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or plan >= cfg.max_steps:
+                break
+            restore(model, saved)  # undo; one more step, this one shorter
+            plan, splits = plan + 1, splits + 1
+            emit({"split/step": step, "split/kl_ratio": ratio, "split/steps": plan})
+            if cfg.step_rule == "target_forget":
+                eta, chosen = self.step_eta(model, grads, direction, data, prob, plan - step + 1)
+            else:
+                eta = eta_taken / 2
+        record |= chosen | {"eta": eta_taken, "step_norm": math.sqrt(squared_norm(delta))}
         if halvings:
             record["backtracks"] = halvings
-        return record, direction, delta, retain_kl, None if retain_kl is not None else non_finite("step delta", delta)
+        if check is not None:
+            record["splits"] = splits
+        return record, direction, delta, plan, None
 
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
@@ -251,22 +310,27 @@ class KFade:
         self.timings["fit_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        names = curvature.param_names
+        cfg, names = self.cfg, curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
+        start_probe = RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))
         grads, scores = forget_gradient(model, data.forget, names, self.progress)
-        start_prob = scores.prob
         zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
-        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": start_prob, "retain_kl": 0.0,
+        history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
                     "zero_eigenvalues": zeros}]
+        if cfg.step_rule == "target_forget" and scores.prob <= cfg.target_forget_prob:
+            history[0]["skipped"] = (f"forget P̄ {scores.prob:.4g} is already at or below "
+                                     f"method.target_forget_prob={cfg.target_forget_prob:g}: no step taken")
         emit(history[-1])
-        previous = None
-        checkpoints = self.checkpoint_dir(model, data) if self.cfg.solver == "cg" and self.cfg.cg_checkpoint else None
-        for step in range(1, self.cfg.n_steps + 1):
+        previous, plan, step = None, cfg.n_steps, 0
+        checkpoints = self.checkpoint_dir(model, data) if cfg.solver == "cg" and cfg.cg_checkpoint else None
+        while step < plan and "skipped" not in history[0]:
+            step += 1
             saved = snapshot(model, names)
-            record, direction, delta, retain_kl, problem = self.step(
-                model, curvature, grads, data, step, previous, emit, checkpoints, saved, probe, start_prob)
+            record, direction, delta, plan, problem = self.step(
+                model, curvature, grads, data, step, previous, emit, checkpoints, saved, start_probe, scores.prob,
+                plan)
             if problem is None:
-                last = step == self.cfg.n_steps
+                last = step == plan
                 grads, scores = ((None, forget_scores(model, data.forget)) if last
                                  else forget_gradient(model, data.forget, names, self.progress))
                 if not math.isfinite(scores.nll):
@@ -279,11 +343,11 @@ class KFade:
                 history.append(record)
                 emit(record)
                 break
-            record.update(forget_nll=scores.nll, forget_prob=scores.prob, retain_kl=retain_kl,
+            record.update(forget_nll=scores.nll, forget_prob=scores.prob, retain_kl=probe(model),
                           predicted_kl=curvature.predicted_kl(delta))
             history.append(record)
             emit(record)
-            previous = direction if self.cfg.cg_warm_start else None
+            previous = direction if cfg.cg_warm_start else None
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         self.timings["unlearn_s"] = time.perf_counter() - start

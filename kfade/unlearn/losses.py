@@ -110,7 +110,8 @@ def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Seq
 
 
 class RetainKLProbe:
-    """Mean per-token KL(p_start ‖ p_θ) over the label tokens of a few retain batches, in nats per token.
+    """Mean per-token KL(p_start ‖ p_θ) over the label tokens of a few batches (retain eval batches for logging,
+    fitting batches for K-FADE's checks), in nats per token.
 
     The starting model's logits at those tokens are cached at construction, so no frozen copy is kept.
     An empty probe measures NaN (nothing to measure).
@@ -128,4 +129,4 @@ class RetainKLProbe:
             return float("nan")
         total = sum(token_kl(ref, label_logits(model, b).logits).item()
                     for ref, b in zip(self.reference, self.batches, strict=True))
-        return total / self.tokens
+        return max(total / self.tokens, 0.0)  # fp32 rounding of equal distributions can dip below 0
