@@ -39,7 +39,8 @@ def vec(spec, tensors):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.parametrize(("damping", "mode"), [(None, None), (1e-3, "absolute"), (0.05, "relative")])
+@pytest.mark.parametrize(("damping", "mode"), [(None, None), (1e-3, "absolute"), (0.05, "relative"),
+                                               (0.05, "global")])
 def test_precondition_is_a_dense_damped_solve(curvatures, estimator, damping, mode):
     curv = curvatures[estimator]
     grads = random_grads(curv)
@@ -47,9 +48,12 @@ def test_precondition_is_a_dense_damped_solve(curvatures, estimator, damping, mo
     out = curv.precondition(grads, damping=damping, damping_mode=mode)
     assert set(out) == set(grads) == set(curv.param_names)
     damping, mode = (0.3, "relative") if damping is None else (damping, mode)
+    blocks = {spec.name: dense_block(curv, spec) for spec in curv.layers}
+    global_mean = sum(torch.trace(b) for b in blocks.values()) / sum(len(b) for b in blocks.values())
     for spec in curv.layers:
-        block = dense_block(curv, spec)
-        delta = damping * torch.trace(block) / len(block) if mode == "relative" else damping
+        block = blocks[spec.name]
+        delta = {"relative": damping * torch.trace(block) / len(block), "global": damping * global_mean,
+                 "absolute": damping}[mode]
         want = torch.linalg.solve(block + delta * torch.eye(len(block), dtype=block.dtype), vec(spec, grads))
         torch.testing.assert_close(vec(spec, out), want, rtol=1e-9, atol=1e-12)
     assert all(torch.equal(before[k], t) for k, t in curv.tensors.items())  # damping never touches the cache

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kfade.eval.matched import LEVELS, MATCHED_METRICS, interpolate_at, matched_rows, variant
+from kfade.eval.matched import LEVELS, MATCHED_METRICS, interpolate_at, matched_csv, matched_rows, variant
 
 CLI = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 
@@ -52,6 +52,26 @@ def test_matched_rows_per_variant_and_level():
     assert kf[0.62]["kl_reference/retain"] == 0.002 and kf[0.38]["kl_reference/retain"] is None
 
 
+def test_retrain_level_sweeps_and_time_in_matched_rows():
+    """The ``retrain`` level sits at the retrain model's own forget P̄; each sweep sub-directory is its own curve,
+    shown by its name when it holds one variant; time/unlearn_s is matched like the other metrics."""
+    rows = [{"job": f"{sweep}/{i}", "method": "grad_diff", "forget/prob": p, "kl_reference/retain": kl,
+             "time/unlearn_s": t, "retrain/forget/prob": 0.08}
+            for sweep, scale in (("grad_diff", 1.0), ("grad_diff_slow", 2.0))
+            for i, (p, kl, t) in enumerate(((0.62, 0.01, 1.0), (0.05, 1.0, 3.0)))
+            for kl, t in [(kl * scale, t * scale)]]
+    out = matched_rows(rows)
+    assert [(r["name"], r["level"]) for r in out] == [(s, lv) for s in ("grad_diff", "grad_diff_slow")
+                                                      for lv in ("0.62", "0.38", "0.1", "retrain")]
+    at = {(r["sweep"], r["level"]): r for r in out}
+    t = (math.log(0.08) - math.log(0.05)) / (math.log(0.62) - math.log(0.05))
+    assert at[("grad_diff", "retrain")]["forget_prob"] == 0.08
+    assert at[("grad_diff", "retrain")]["kl_reference/retain"] == pytest.approx(1.0 + t * (0.01 - 1.0))
+    assert at[("grad_diff_slow", "0.62")]["time/unlearn_s"] == 2.0
+    csv_rows = list(csv.DictReader(matched_csv(out).splitlines()))
+    assert [(r["level"], r["sweep"], r["variant"]) for r in csv_rows][3] == ("retrain", "grad_diff", "grad_diff")
+
+
 def test_report_writes_matched_files(tmp_path, capsys):
     for i, (lr, p, kl) in enumerate(((1e-4, 0.9, 0.01), (3e-4, 0.5, 0.05), (1e-3, 0.05, 1.0))):
         (tmp_path / str(i)).mkdir()
@@ -60,13 +80,14 @@ def test_report_writes_matched_files(tmp_path, capsys):
     assert runpy.run_path(str(CLI))["main"]([str(tmp_path)]) == 0
     with open(tmp_path / "matched.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["variant", "forget_prob", *MATCHED_METRICS]
+    assert list(table[0]) == ["level", "sweep", "variant", "forget_prob", *MATCHED_METRICS]
     assert [float(r["forget_prob"]) for r in table] == list(LEVELS)
+    assert [r["level"] for r in table] == ["0.62", "0.38", "0.1"] and {r["sweep"] for r in table} == {""}
     assert float(table[1]["kl_reference/retain"]) == pytest.approx(
         0.05 + (math.log(0.38) - math.log(0.5)) / (math.log(0.05) - math.log(0.5)) * (1.0 - 0.05))
     assert table[0]["model_utility"] == ""
     markdown = (tmp_path / "matched.md").read_text()
-    assert "| grad_diff | 0.62 |" in markdown and "—" in markdown
+    assert "| grad_diff | 0.62 | 0.62 |" in markdown and "—" in markdown
     assert markdown in capsys.readouterr().out
 
 
@@ -78,7 +99,7 @@ def test_general_text_columns_appear_when_the_runs_have_them(tmp_path):
     assert runpy.run_path(str(CLI))["main"]([str(tmp_path)]) == 0
     with open(tmp_path / "matched.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["variant", "forget_prob", *MATCHED_METRICS, "kl_reference/general"]
+    assert list(table[0]) == ["level", "sweep", "variant", "forget_prob", *MATCHED_METRICS, "kl_reference/general"]
     assert float(table[0]["kl_reference/general"]) == pytest.approx(float(table[0]["kl_reference/retain"]) / 2)
 
 
@@ -99,7 +120,8 @@ def test_regimes_report_puts_each_regimes_matched_values_side_by_side(tmp_path, 
     at_062 = text.split("**Forget P̄ = 0.62**")[1].split("**")[0]
     assert "| method | pretrained: kl_reference/retain | pretrained: kl_reference/general |" in at_062
     kl = 0.05 + (math.log(0.62) - math.log(0.5)) / (math.log(0.9) - math.log(0.5)) * (0.01 - 0.05)
-    assert f"| grad_diff | 0.002 | 0.004 | — | — | {kl:.3g} | {2 * kl:.3g} | — | — |" in at_062
+    assert f"| grad_diff | 0.002 | 0.004 | — | — | — | {kl:.3g} | {2 * kl:.3g} | — | — | — |" in at_062
+    assert "**Forget P̄ = the retrain model's own (pretrained 0.08, scratch 0.03)**" in text
     models = text.split("**Reference models (at their own P̄)**")[1]
     assert "| retrain | 0.08 | — | — | — | — | 0.03 |" in models
     assert "| noise_floor | — | — | — | — | 0.5 | — |" in models

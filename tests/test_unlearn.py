@@ -231,3 +231,42 @@ def test_retain_terms_need_retain_data(name, field, trained, data):
     cfg = {field: 1.0} | ({"layer": 1} if name == "rmu" else {})
     with pytest.raises(ConfigError, match=rf"^method\.{field}=1.0: needs retain batches"):
         build_method(name, cfg).run(copy.deepcopy(trained), forget_only)
+
+
+# --- matched forgetting: early stopping at a target P̄ ----------------------------------------------------------
+
+def checks_of(records: list[dict]) -> list[tuple[int, float]]:
+    return [(r["check/step"], r["check/forget_prob"]) for r in records if "check/step" in r]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_early_stop_is_exact_to_the_check_interval(every, trained, data):
+    """Training stops at the first check whose P̄ ≤ target: the check every k steps sees the same trajectory as
+    the check every step (k = 1), so it stops within k − 1 optimizer steps of it; the bisected last interval then
+    ends the run at the target P̄ itself."""
+    start = mean_answer_prob(trained, data.forget)
+    target = 0.4 * start
+    cfg = {"epochs": 20, "lr": 1e-3, "target_forget_prob": target}
+    every_step = []
+    build_method("grad_ascent", cfg | {"check_every": 1}).run(copy.deepcopy(trained), data, log=every_step.append)
+    first = next(step for step, prob in checks_of(every_step) if prob <= target)
+    model, records = copy.deepcopy(trained), []
+    history = build_method("grad_ascent", cfg | {"check_every": every}).run(model, data, log=records.append)
+    checks = checks_of(records)
+    assert [step for step, _ in checks] == list(range(every, checks[-1][0] + 1, every))
+    assert all(prob > target for _, prob in checks[:-1]) and checks[-1][1] <= target
+    assert first <= checks[-1][0] <= first + every - 1 and history[-1]["optimizer_steps"] == checks[-1][0]
+    assert history[-1]["target_reached"] and 0 < history[-1]["interval_fraction"] <= 1
+    assert mean_answer_prob(model, data.forget) == pytest.approx(target, rel=5e-3)
+    assert history[-1]["forget_prob"] == pytest.approx(target, rel=5e-3)
+
+
+def test_early_stop_skips_a_start_already_below_the_target_and_reports_a_miss(trained, data):
+    start = mean_answer_prob(trained, data.forget)
+    model = copy.deepcopy(trained)
+    history = build_method("grad_diff", {"target_forget_prob": min(2 * start, 0.99)}).run(model, data)
+    assert len(history) == 1 and "already at or below" in history[0]["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), model.parameters(), strict=True))
+    missed = build_method("grad_diff", {"epochs": 1, "lr": 1e-6, "target_forget_prob": 0.01 * start}).run(
+        copy.deepcopy(trained), data)
+    assert missed[-1]["target_reached"] is False and "interval_fraction" not in missed[-1]

@@ -1,11 +1,12 @@
 """Methods compared at matched forgetting: each variant's metrics interpolated to fixed forget-set P̄ levels.
 
-A sweep varies each method's strength (K-FADE's η or target, a baseline's lr or epochs), so every variant
-(method + curvature estimator + solver, and K-FADE's step count when > 1) traces a curve of metric against forget
-P̄ (``forget/prob``). At a level L
-the metric is interpolated linearly in log P̄ between the variant's two nearest runs on either side of L; a run
-within ``MATCH_TOLERANCE`` (relative) of L is taken as it is; a level outside the variant's swept range has no
-value (None; "—" in the markdown table).
+A sweep varies each method's strength (K-FADE's target or η, a baseline's target P̄ or lr), so every variant
+(method + curvature estimator + solver, and K-FADE's step count when > 1) of every sweep sub-directory traces a
+curve of metric against forget P̄ (``forget/prob``). The levels are :data:`LEVELS` and ``retrain``: the retrain
+model's own forget P̄ (from the runs' ``retrain/forget/prob``), where a perfect unlearner's forget quality sits at
+the noise floor. At a level L the metric is interpolated linearly in log P̄ between the variant's two nearest runs
+on either side of L; a run within ``MATCH_TOLERANCE`` (relative) of L is taken as it is; a level outside the
+variant's swept range has no value (None; "—" in the markdown table).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import math
 from collections import defaultdict
 
 LEVELS = (0.62, 0.38, 0.10)
+RETRAIN_LEVEL = "retrain"  # the level at the retrain model's own forget P̄
 MATCHED_METRICS = ("kl_reference/retain", "kl_retrain/retain", "kl_retrain/forget", "model_utility",
-                   "forget_quality")
+                   "forget_quality", "time/unlearn_s")
 GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.general only: columns shown when present
-REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality")
+REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality", "time/unlearn_s")
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
 
@@ -65,19 +67,42 @@ def interpolate_at(points: list[tuple[float, float]], level: float) -> float | N
     return v0 + t * (v1 - v0)
 
 
+def sweep_of(row: dict) -> str:
+    """The sweep sub-directory a job came from (the first part of its ``job`` path), "" for a flat sweep."""
+    parts = str(row.get("job", "")).split("/")
+    return parts[0] if len(parts) > 1 else ""
+
+
+def matched_levels(rows: list[dict], levels=LEVELS) -> list[tuple[str, float]]:
+    """``(label, P̄)`` per level: ``levels`` (label ``f"{P̄:g}"``), then ``retrain`` at the retrain model's forget P̄
+    when the rows carry it (``retrain/forget/prob``, or a ``retrain`` reference row)."""
+    out = [(f"{level:g}", level) for level in levels]
+    retrain = next((_number(r.get(f"{RETRAIN_LEVEL}/{PROB_KEY}")) for r in rows
+                    if _number(r.get(f"{RETRAIN_LEVEL}/{PROB_KEY}")) is not None), None)
+    if retrain is None:
+        retrain = next((_number(r.get(PROB_KEY)) for r in rows if r.get("method") == RETRAIN_LEVEL), None)
+    return out + ([(RETRAIN_LEVEL, retrain)] if retrain is not None and retrain > 0 else [])
+
+
 def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS,
                  metrics=MATCHED_METRICS + GENERAL_METRICS) -> list[dict]:
-    """One row per (variant, level): ``variant``, ``forget_prob`` (the level), then each metric (or None)."""
-    by_variant: dict[str, list[dict]] = defaultdict(list)
+    """One row per (sweep, variant, level): ``sweep``, ``variant``, ``name`` (how tables show it: the sweep when it
+    holds one variant, else ``sweep:variant``, the variant when there is no sweep), ``level`` (its label),
+    ``forget_prob`` (the level's P̄), then each metric (or None)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
         if row.get("method") not in exclude_methods and _number(row.get(PROB_KEY)) is not None:
-            by_variant[variant(row)].append(row)
+            groups[(sweep_of(row), variant(row))].append(row)
+    per_sweep = defaultdict(int)
+    for sweep, _ in groups:
+        per_sweep[sweep] += 1
     out = []
-    for name in sorted(by_variant):
-        for level in levels:
-            record = {"variant": name, "forget_prob": level}
+    for sweep, name in sorted(groups):
+        shown = name if not sweep else sweep if per_sweep[sweep] == 1 else f"{sweep}:{name}"
+        for label, level in matched_levels(rows, levels):
+            record = {"sweep": sweep, "variant": name, "name": shown, "level": label, "forget_prob": level}
             for metric in metrics:
-                points = [(float(r[PROB_KEY]), _number(r.get(metric))) for r in by_variant[name]]
+                points = [(float(r[PROB_KEY]), _number(r.get(metric))) for r in groups[(sweep, name)]]
                 record[metric] = interpolate_at([(p, v) for p, v in points if v is not None], level)
             out.append(record)
     return out
@@ -96,18 +121,19 @@ def markdown_cells(head: list[str], rows: list[list[str]]) -> str:
 
 def matched_markdown(records: list[dict]) -> str:
     metrics = columns_of(records)
-    rows = [[r["variant"], f"{r['forget_prob']:g}", *("—" if r[m] is None else f"{r[m]:.4g}" for m in metrics)]
-            for r in records]
-    return markdown_cells(["variant", "forget_prob", *metrics], rows) + "\n"
+    rows = [[r["name"], r["level"], f"{r['forget_prob']:.3g}", *("—" if r[m] is None else f"{r[m]:.4g}"
+                                                                 for m in metrics)] for r in records]
+    return markdown_cells(["variant", "level", "forget_prob", *metrics], rows) + "\n"
 
 
 def matched_csv(records: list[dict]) -> str:
     metrics = columns_of(records)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["variant", "forget_prob", *metrics])
+    writer.writerow(["level", "sweep", "variant", "forget_prob", *metrics])
     for r in records:
-        writer.writerow([r["variant"], r["forget_prob"], *("" if r[m] is None else repr(r[m]) for m in metrics)])
+        writer.writerow([r["level"], r["sweep"], r["variant"], repr(r["forget_prob"]),
+                         *("" if r[m] is None else repr(r[m]) for m in metrics)])
     return out.getvalue()
 
 
@@ -118,15 +144,19 @@ def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict
     (``matched``: its :func:`matched_rows`), a column per metric. "—": no value."""
     names = list(matched)
     by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
-    keys = (PROB_KEY, *metrics)
+    keys = (PROB_KEY, *(m for m in metrics if not m.startswith("time/")))  # reference models: not unlearned
     rows = [[method, *(_cell(_number(by_method[n].get(method, {}).get(k))) for n in names for k in keys)]
             for method in sorted({m for n in names for m in by_method[n]})]
     out = ["**Reference models (at their own P̄)**\n\n"
            + markdown_cells(["model", *(f"{n}: {k}" for n in names for k in keys)], rows)]
     head = ["method", *(f"{n}: {m}" for n in names for m in metrics)]
-    for level in sorted({r["forget_prob"] for rs in matched.values() for r in rs}, reverse=True):
-        at = {n: {r["variant"]: r for r in matched[n] if r["forget_prob"] == level} for n in names}
+    labels = list(dict.fromkeys(r["level"] for rs in matched.values() for r in rs))
+    for label in labels:
+        at = {n: {r["name"]: r for r in matched[n] if r["level"] == label} for n in names}
         rows = [[v, *(_cell(at[n].get(v, {}).get(m)) for n in names for m in metrics)]
                 for v in sorted({v for n in names for v in at[n]})]
-        out.append(f"**Forget P̄ = {level:g}**\n\n" + markdown_cells(head, rows))
+        title = f"Forget P̄ = {label}" if label != RETRAIN_LEVEL else "Forget P̄ = the retrain model's own (" + \
+            ", ".join(f"{n} {next(r['forget_prob'] for r in matched[n] if r['level'] == label):.3g}"
+                      for n in names if any(r["level"] == label for r in matched[n])) + ")"
+        out.append(f"**{title}**\n\n" + markdown_cells(head, rows))
     return "\n\n".join(out) + "\n"
