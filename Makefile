@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
 	PY=$(PY) experiments/sweeps/demo.sh
 
-compare: $(VENV)/.installed  ## the README's matched-forget comparison (all methods, ~20 min warm)
-	PY=$(PY) experiments/sweeps/mini_tofu_matched.sh
+compare: $(VENV)/.installed  ## every method at matched forget P̄, both regimes: make compare [DIR=...] [ARGS="k=v ..."]
+	PY=$(PY) experiments/sweeps/compare.sh $(or $(DIR),multirun/compare/$$(date +%Y-%m-%d_%H-%M-%S)) $(ARGS)
 
 test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest tests

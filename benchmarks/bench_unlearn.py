@@ -3,17 +3,18 @@
 1. a direct K-FADE step (cached curvature) ÷ one gradient-ascent epoch over the same forget set (goal ≤ 1.2×);
 2. one exact Gauss-Newton product G·v over the fitting batches ÷ one forward+backward over the same batches, per
    product mode (goal ≤ 2.5× without retained graphs, ≤ 1.3× with them);
-3. a default CG K-FADE run (n_steps × cg_iters products + preconditioning, cached curvature) ÷ one default mini
-   GradDiff run (AdamW, 5 epochs over the forget set with retain companions), also per step.
+3. (``--matched``) the default K-FADE run ÷ a default mini GradDiff run stopped at the same forget P̄
+   (``target_forget_prob``, 0.38 by default), on the trained mini-TOFU models of each regime (``scratch``:
+   experiment=mini_tofu; ``pretrained``: experiment=mini_tofu_pretrained; built or taken from the cache). The
+   cached-fit cost — the curvature fit on the default fitting set, paid once per model and fitting set — is
+   reported separately; the run times use the cached fit. One thread.
 
-Model: a random-init tiny Llama (TinyLlamaSpec defaults: hidden 128, MLP 512, 4 layers) with a 1024-token
+Model of 1–2: a random-init tiny Llama (TinyLlamaSpec defaults: hidden 128, MLP 512, 4 layers) with a 1024-token
 vocabulary. Forget set: 64 QA-like rows of random tokens (16 prompt tokens, 24 answer tokens); the curvature is
 fit on 256 such retain rows. Method timings are whole ``run`` calls (each includes its retain-KL probe and the
-final forget-loss evaluation); K-FADE steps are normalized ones (a random model's forget P̄ is ~1/vocab, so the
-default target_forget search is not timed here: it adds one forward over the forget set per evaluation, 6–10 per
-step on mini-TOFU).
+final forget-loss evaluation).
 
-    python benchmarks/bench_unlearn.py [--repeats 5] [--steps 1]
+    python benchmarks/bench_unlearn.py [--repeats 5] [--steps 1] [--matched scratch pretrained] [--target 0.38]
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kfade.curvature import CurvatureConfig
 from kfade.curvature.ggn import GaussNewton
+from kfade.data.config import DatasetConfig
 from kfade.data.formatting import IGNORE_INDEX, batched
+from kfade.eval.config import EvalConfig
+from kfade.models.config import ModelConfig
 from kfade.models.tiny import TinyLlamaSpec
-from kfade.unlearn import UnlearnData, build_method
-from kfade.unlearn.losses import forget_gradient
+from kfade.suites import build_suite
+from kfade.unlearn import METHODS, UnlearnData, build_method
+from kfade.unlearn.losses import forget_gradient, mean_answer_prob
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = {"scratch": "mini_tofu", "pretrained": "mini_tofu_pretrained"}
 
 VOCAB, PROMPT, ANSWER, BATCH = 1024, 16, 24, 16
 
@@ -51,7 +62,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (median reported)")
     parser.add_argument("--steps", type=int, default=1, help="K-FADE steps per run (time reported per step)")
+    parser.add_argument("--matched", nargs="*", choices=sorted(EXPERIMENTS), default=None,
+                        help="only the matched-P̄ comparison, in these regimes (none given: both)")
+    parser.add_argument("--target", type=float, default=0.38, help="forget P̄ both methods stop at (--matched)")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.matched is not None:
+        for regime in args.matched or sorted(EXPERIMENTS, reverse=True):
+            matched_cost(regime, args.target, args.repeats)
+        return
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, pad_token_id=0, **asdict(TinyLlamaSpec()))).eval()
@@ -70,14 +89,53 @@ def main() -> None:
         print(f"gradient-ascent epoch ({len(data.forget)} batches):     {epoch:.3f} s  (median of {args.repeats})")
         print(f"ratio K-FADE direct step / GA epoch:   {step / epoch:.2f}x  (goal <= 1.2x)\n")
         ggn_products(model, data, args.repeats)
-        cg = build_method("kfade", {"step_rule": "normalized", "step_size": 1.0}, curvature=curvature,
-                          cache_root=cache)
-        cg_step, diff_run = median_run_times([cg, build_method("grad_diff", {"lr": 3e-4})], model, data, args.repeats)
-    steps = f"{cg.cfg.n_steps} steps x {cg.cfg.cg_iters} PCG iterations"
-    print(f"\nK-FADE CG run, default ({steps}): {cg_step:.3f} s  (median of {args.repeats})")
-    print(f"GradDiff run (5 epochs, lr 3e-4):      {diff_run:.3f} s  (median of {args.repeats})")
-    print(f"ratio K-FADE CG run / GradDiff run:    {cg_step / diff_run:.2f}x  "
-          f"(per CG step: {cg_step / cg.cfg.n_steps / diff_run:.2f}x)")
+
+
+def configured(regime: str, target: float) -> tuple[dict, object, object]:
+    """The regime's configs as a default run composes them (general text on, as in ``make compare``): the
+    typed model/dataset/eval configs, and the default K-FADE and mini GradDiff, both stopping at ``target``."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", [f"experiment={EXPERIMENTS[regime]}", "dataset.general=python_docs"])
+        gd = compose("config", [f"experiment={EXPERIMENTS[regime]}", "method=mini/grad_diff"]).method
+    def typed(node, schema):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node,
+                                                                                                        resolve=True)))
+
+    configs = {"model": typed(cfg.model, ModelConfig), "dataset": typed(cfg.dataset, DatasetConfig),
+               "eval": typed(cfg.eval, EvalConfig)}
+    curvature = typed(cfg.curvature, CurvatureConfig)
+    kfade_cfg = typed(cfg.method, METHODS["kfade"][0])
+    kfade_cfg.target_forget_prob = target
+    grad_diff_cfg = typed(gd, METHODS["grad_diff"][0])
+    grad_diff_cfg.target_forget_prob = target
+    return configs, (kfade_cfg, curvature), grad_diff_cfg
+
+
+def matched_cost(regime: str, target: float, repeats: int) -> None:
+    """Default K-FADE ÷ GradDiff, both stopped at forget P̄ ``target`` on the regime's trained reference model."""
+    configs, (kfade_cfg, curvature), grad_diff_cfg = configured(regime, target)
+    suite, _ = build_suite(configs["model"], configs["dataset"], configs["eval"], progress=False)
+    data = suite.unlearn_data()
+    with tempfile.TemporaryDirectory() as cache:
+        kfade = build_method("kfade", kfade_cfg, curvature=curvature, cache_root=cache)
+        kfade.run(copy.deepcopy(suite.reference), data)  # fits and caches the curvature
+        fit = kfade.timings["fit_s"]
+        grad_diff = build_method("grad_diff", grad_diff_cfg)
+        times = median_run_times([kfade, grad_diff], suite.reference, data, repeats)
+    probs = {}
+    for name, method in (("kfade", kfade), ("grad_diff", grad_diff)):
+        model = copy.deepcopy(suite.reference)
+        method.run(model, data)
+        probs[name] = mean_answer_prob(model, data.forget)
+    print(f"\n[{regime}] forget P̄ {mean_answer_prob(suite.reference, data.forget):.3f} → target {target} "
+          f"(reached: K-FADE {probs['kfade']:.3f}, GradDiff {probs['grad_diff']:.3f}); fitting set "
+          f"{len(data.fit)} batches ({configs['dataset'].fit_set_names()})")
+    print(f"[{regime}] cached fit (EK-FAC, once per model and fitting set): {fit:.2f} s")
+    print(f"[{regime}] K-FADE default run ({kfade_cfg.n_steps}–{kfade_cfg.max_steps} steps × {kfade_cfg.cg_iters} "
+          f"PCG iterations): {times[0]:.2f} s; GradDiff run (lr {grad_diff_cfg.lr:g}): {times[1]:.2f} s "
+          f"(medians of {repeats})")
+    print(f"[{regime}] ratio K-FADE / GradDiff at the same P̄: {times[0] / times[1]:.2f}x (goal <= 5x, 3x); "
+          f"with the fit: {(times[0] + fit) / times[1]:.2f}x")
 
 
 def median_run_times(methods: list, model: torch.nn.Module, data: UnlearnData, repeats: int) -> list[float]:

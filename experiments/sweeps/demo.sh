@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# `make demo`: K-FADE (default: CG steps, EK-FAC preconditioner) against gradient ascent, GradDiff and NPO on
-# mini-TOFU forget10, then the table and Pareto plots. The first run trains the tiny reference and retrain models
-# (~3 min on 2 cores).
+# `make demo`: K-FADE (default: CG steps on everything the model keeps, EK-FAC preconditioner) against gradient
+# ascent, GradDiff, NPO and RMU on mini-TOFU forget10, every method stopped at the same forget P̄ (0.38), then the
+# table and Pareto plot. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
 #   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
 DIR=${1:-multirun/demo/$(date +%Y-%m-%d_%H-%M-%S)}
-"$PY" experiments/run.py -m method=kfade,mini/grad_ascent,mini/grad_diff,mini/npo hydra.sweep.dir="$DIR" "${@:2}"
+TARGET=0.38
+"$PY" experiments/run.py -m method=kfade,mini/grad_ascent,mini/grad_diff,mini/npo,mini/rmu \
+  method.target_forget_prob=$TARGET hydra.sweep.dir="$DIR" "${@:2}"
 "$PY" experiments/report.py "$DIR"

@@ -13,8 +13,9 @@ class DatasetConfig:
     source: str = "mini"  # "mini" (embedded), a Hub id, or a local directory in the benchmark's layout
     forget_split: str = "forget10"  # TOFU: forget01 | forget05 | forget10 (retain = its complement)
     fit_sets: list[str] | None = None  # curvature fitting sets; None: all the benchmark keeps (fit_set_names)
-    fit_max_batches: int | None = 24  # fitting batches kept, evenly spaced over the sets (None: all)
+    fit_max_batches: int | None = None  # a budget: fitting batches kept, evenly spaced over the sets (None: all)
     general: str | None = None  # TOFU: a general-text corpus (python_docs) scored and fittable; None = none
+    general_fit_rows: int = 64  # TOFU: training paragraphs of the general corpus in the "general" fitting set
     forget_corpora: list[str] | None = None  # WMDP: forget corpus file stems (None: the source's defaults)
     retain_corpora: list[str] | None = None  # WMDP: retain corpus file stems (None: the source's defaults)
     batch_size: int = 16  # sequences per batch for fitting, unlearning and scoring
@@ -39,6 +40,7 @@ class DatasetConfig:
                 raise ConfigError(f"dataset.{key}", getattr(self, key), "must not be empty")
         if self.fit_sets is not None and not self.fit_sets:
             raise ConfigError("dataset.fit_sets", self.fit_sets, "needs at least one set, or null (the default)")
+        require_range("dataset.general_fit_rows", self.general_fit_rows, 1)
         if self.fit_max_batches is not None:
             require_range("dataset.fit_max_batches", self.fit_max_batches, 1)
         for key in ("forget_corpora", "retain_corpora"):

@@ -28,7 +28,6 @@ from kfade.suites.models import TrainingSets, is_log_dir, load_pair
 from kfade.unlearn import UnlearnData
 
 FIT_SETS = ("retain", "real_authors", "world_facts", "general")  # what a curvature may be fitted on (never forget)
-GENERAL_FIT_ROWS = 256  # training paragraphs of the general corpus in the "general" fit set (~14k tokens)
 
 
 def training_sets(data: TofuData, general: GeneralText | None = None) -> TrainingSets:
@@ -62,7 +61,7 @@ class TofuSuite(Suite):
 
     def unlearn_data(self) -> UnlearnData:
         """Forget/retain batches and the curvature fitting set ``dataset.fit_set_names()``: QA rows concatenated,
-        then the first ``GENERAL_FIT_ROWS`` training paragraphs of the general corpus for ``general``; at most
+        then the first ``dataset.general_fit_rows`` training paragraphs of the general corpus for ``general``; at most
         ``dataset.fit_max_batches`` of those batches, evenly spaced (so every set keeps its share)."""
         fit_rows, fit_texts = [], []
         for name in self.dataset.fit_set_names():
@@ -73,7 +72,7 @@ class TofuSuite(Suite):
             elif self.general is None:
                 raise ConfigError("dataset.fit_sets", name, "needs a general corpus: set dataset.general")
             else:
-                fit_texts = self.general.train[:GENERAL_FIT_ROWS]
+                fit_texts = self.general.train[:self.dataset.general_fit_rows]
         fit = evenly_spaced(self.batches(fit_rows) + self.text_batches(fit_texts), self.dataset.fit_max_batches)
         return UnlearnData(forget=self.batches(self.data.forget), retain=self.batches(self.data.retain), fit=fit,
                            kl_probe=self.batches(self.data.retain_perturbed), forget_split=self.dataset.forget_split)
