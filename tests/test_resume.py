@@ -74,7 +74,8 @@ def test_pcg_resumes_from_its_checkpoint_bit_equal(tmp_path):
 def test_killed_kfade_run_resumes_in_step_2_and_ends_bit_equal(tmp_path):
     model = reference_llama(layers=1)
     data = UnlearnData(forget=batches_of(qa_sequences(4, seed=7), 2), retain=batches_of(qa_sequences(16, seed=2), 8))
-    cfg = {"solver": "cg", "n_steps": 2, "cg_iters": 4, "cg_tol": 0.0, "step_rule": "fixed", "step_size": 0.05}
+    cfg = {"solver": "cg", "n_steps": 2, "cg_iters": 4, "cg_tol": 0.0, "step_rule": "fixed", "step_size": 0.05,
+           "max_kl_ratio": None}  # two steps exactly (the quadratic-regime check would split these)
     curvature = CurvatureConfig(estimator="kfac", fisher="empirical")
 
     def run(cache, log=None):
