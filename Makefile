@@ -32,6 +32,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed  ## timing ratios measured side by side (see README: Performance)
 	$(PY) benchmarks/bench_curvature.py
 	$(PY) benchmarks/bench_unlearn.py
+	$(PY) benchmarks/bench_unlearn.py --matched --repeats 1
 
 report: $(VENV)/.installed  ## table + Pareto plot of the newest multirun (or DIR=...)
 	$(PY) experiments/report.py $(or $(DIR),$$(ls -dt multirun/*/* | head -1))

@@ -140,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             suite, results = build_suite(model_cfg, dataset_cfg, checked.eval, noise_floor, cfg.progress)
         results["time/prepare_s"] = time.perf_counter() - t0
         rows = ["reference", "retrain"] + (["noise_floor"] if noise_floor else [])
-        results["method"] = method_name
+        results["method"], results["seed"] = method_name, cfg.seed
         if method is not None:
             results |= unlearn(cfg, method, suite, run_dir, tracker)
             rows.append("unlearned")

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from kfade.eval.matched import LEVELS, MATCHED_METRICS, interpolate_at, matched_csv, matched_rows, variant
+from kfade.eval.matched import (
+    LEVELS,
+    MATCHED_METRICS,
+    interpolate_at,
+    matched_csv,
+    matched_rows,
+    seed_spread,
+    seeds_markdown,
+    variant,
+)
 
 CLI = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 
@@ -133,3 +142,17 @@ def test_regimes_report_without_regimes_is_a_one_line_error(tmp_path, capsys):
     assert runpy.run_path(str(CLI))["main"](["--regimes", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: report.regimes=") and err.count("\n") == 1
+
+
+def test_seed_spread_pools_a_sweep_with_its_seeds_twin_at_the_level():
+    rows = [{"job": "grad_diff/0", "method": "grad_diff", "forget/prob": 0.38, "kl_reference/retain": 0.2},
+            {"job": "grad_diff/1", "method": "grad_diff", "forget/prob": 0.1, "kl_reference/retain": 9.0},  # elsewhere
+            {"job": "seeds_grad_diff/0", "method": "grad_diff", "forget/prob": 0.3801, "kl_reference/retain": 0.3},
+            {"job": "seeds_grad_diff/1", "method": "grad_diff", "forget/prob": 0.379, "kl_reference/retain": 0.4},
+            {"job": "npo/0", "method": "npo", "forget/prob": 0.38, "kl_reference/retain": 1.0}]  # no twin
+    (spread,) = seed_spread(rows, 0.38)
+    assert spread["name"] == "grad_diff" and spread["runs"] == 3
+    mean, sd = spread["kl_reference/retain"]
+    assert mean == pytest.approx(0.3) and sd == pytest.approx(0.1)  # sample sd of 0.2, 0.3, 0.4
+    text = seeds_markdown({"scratch": [spread]}, 0.38, metrics=("kl_reference/retain",))
+    assert "| grad_diff | 0.3 ± 0.1 (3) |" in text

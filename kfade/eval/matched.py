@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections import defaultdict
 
 LEVELS = (0.62, 0.38, 0.10)
@@ -24,6 +25,7 @@ GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.genera
 REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality", "time/unlearn_s")
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
+SEEDS_PREFIX = "seeds_"  # a sweep ``seeds_<name>`` repeats sweep ``<name>`` at one level with other seeds
 
 
 def variant(row: dict) -> str:
@@ -160,3 +162,41 @@ def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict
                       for n in names if any(r["level"] == label for r in matched[n])) + ")"
         out.append(f"**{title}**\n\n" + markdown_cells(head, rows))
     return "\n\n".join(out) + "\n"
+
+
+def seed_spread(rows: list[dict], level: float, metrics=REGIME_METRICS) -> list[dict]:
+    """Mean and sample sd over the runs at P̄ ``level`` (within :data:`MATCH_TOLERANCE`) of each sweep together with
+    its ``seeds_<sweep>`` twin: one record per sweep that has such a twin, ``{"name", "runs", metric: (mean, sd)}``
+    (sd None for one run; a metric no run has is left out)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        p = _number(row.get(PROB_KEY))
+        if p is not None and p > 0 and abs(math.log(p / level)) <= MATCH_TOLERANCE:
+            groups[sweep_of(row).removeprefix(SEEDS_PREFIX)].append(row)
+    twins = {sweep_of(r).removeprefix(SEEDS_PREFIX) for r in rows if sweep_of(r).startswith(SEEDS_PREFIX)}
+    out = []
+    for name in sorted(twins & set(groups)):
+        record = {"name": name, "runs": len(groups[name])}
+        for metric in metrics:
+            values = [v for v in (_number(r.get(metric)) for r in groups[name]) if v is not None]
+            if values:
+                record[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+        out.append(record)
+    return out
+
+
+def seeds_markdown(spreads: dict[str, list[dict]], level: float, metrics=REGIME_METRICS) -> str:
+    """Per regime (``spreads``: its :func:`seed_spread`), ``mean ± sd (n)`` of each metric at P̄ ``level``."""
+    names = list(spreads)
+    head = ["sweep", *(f"{n}: {m}" for n in names for m in metrics)]
+
+    def cell(record: dict | None, metric: str) -> str:
+        if record is None or metric not in record:
+            return "—"
+        mean, sd = record[metric]
+        return f"{mean:.3g}" + ("" if sd is None else f" ± {sd:.2g}") + f" ({record['runs']})"
+
+    rows = [[s, *(cell(next((r for r in spreads[n] if r["name"] == s), None), m) for n in names for m in metrics)]
+            for s in sorted({r["name"] for rs in spreads.values() for r in rs})]
+    return f"**Seeds at forget P̄ = {level:g}** (mean ± sd over runs (n))\n\n" + markdown_cells(head, rows) + "\n"
+

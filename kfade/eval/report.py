@@ -18,7 +18,15 @@ from pathlib import Path
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
-from kfade.eval.matched import matched_csv, matched_markdown, matched_rows, regimes_markdown, variant
+from kfade.eval.matched import (
+    matched_csv,
+    matched_markdown,
+    matched_rows,
+    regimes_markdown,
+    seed_spread,
+    seeds_markdown,
+    variant,
+)
 from kfade.eval.report_plots import write_pareto_plot
 from kfade.eval.tofu_logs import aggregate_tofu_logs, read_tofu_logs
 from kfade.tracking import RESULTS_FILE, read_results
@@ -28,6 +36,7 @@ REFERENCE_METHODS = ("retrain", "reference", "noise_floor")  # models every job 
 METRIC_COLUMNS = ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain",
                   "forget/prob")
 TIME_COLUMNS = ("time/fit_s", "time/unlearn_s")
+SEEDS_LEVEL = 0.38  # the level at which regime reports summarise seeds_<sweep> repeats (make compare)
 
 
 @dataclass
@@ -154,7 +163,8 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
 def write_regimes_report(root: str | os.PathLike) -> str:
     """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
     ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): each regime's reference
-    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``). Returns the text."""
+    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``), then — where a sweep has a
+    ``seeds_<sweep>`` twin — mean ± sd over its runs at P̄ ``SEEDS_LEVEL`` (``seeds_markdown``). Returns the text."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError("report.regimes", str(root), "not a directory")
@@ -164,6 +174,9 @@ def write_regimes_report(root: str | os.PathLike) -> str:
     rows = {d.name: collect_results(d).rows for d in dirs}
     text = regimes_markdown({name: matched_rows(r, exclude_methods=REFERENCE_METHODS) for name, r in rows.items()},
                             {name: [x for x in r if x.get("method") in REFERENCE_METHODS] for name, r in rows.items()})
+    spreads = {name: seed_spread(r, SEEDS_LEVEL) for name, r in rows.items()}
+    if any(spreads.values()):
+        text += "\n" + seeds_markdown(spreads, SEEDS_LEVEL)
     with atomic_path(root / "regimes.md") as tmp:
         tmp.write_text(text)
     return text
