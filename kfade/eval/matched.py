@@ -145,7 +145,10 @@ def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict
     ``forget/prob``) at their own P̄, then per level a table with a row per variant and, for each regime
     (``matched``: its :func:`matched_rows`), a column per metric. "—": no value."""
     names = list(matched)
-    by_method = {n: {r["method"]: r for r in models.get(n, [])} for n in names}
+    by_method = {n: {} for n in names}
+    for n in names:  # a method's first row: the models of the first jobs (later ones may be other seeds' models)
+        for r in models.get(n, []):
+            by_method[n].setdefault(r["method"], r)
     keys = (PROB_KEY, *(m for m in metrics if not m.startswith("time/")))  # reference models: not unlearned
     rows = [[method, *(_cell(_number(by_method[n].get(method, {}).get(k))) for n in names for k in keys)]
             for method in sorted({m for n in names for m in by_method[n]})]

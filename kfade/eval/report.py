@@ -19,12 +19,14 @@ from pathlib import Path
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
 from kfade.eval.matched import (
+    SEEDS_PREFIX,
     matched_csv,
     matched_markdown,
     matched_rows,
     regimes_markdown,
     seed_spread,
     seeds_markdown,
+    sweep_of,
     variant,
 )
 from kfade.eval.report_plots import write_pareto_plot
@@ -163,7 +165,8 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
 def write_regimes_report(root: str | os.PathLike) -> str:
     """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
     ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): each regime's reference
-    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``), then — where a sweep has a
+    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``; ``seeds_…`` sweeps left
+    out), then — where a sweep has a
     ``seeds_<sweep>`` twin — mean ± sd over its runs at P̄ ``SEEDS_LEVEL`` (``seeds_markdown``). Returns the text."""
     root = Path(root)
     if not root.is_dir():
@@ -172,7 +175,8 @@ def write_regimes_report(root: str | os.PathLike) -> str:
     if not dirs:
         raise ConfigError("report.regimes", str(root), f"no subdirectory with a {RESULTS_FILE} (one per regime)")
     rows = {d.name: collect_results(d).rows for d in dirs}
-    text = regimes_markdown({name: matched_rows(r, exclude_methods=REFERENCE_METHODS) for name, r in rows.items()},
+    levels = {name: [x for x in r if not sweep_of(x).startswith(SEEDS_PREFIX)] for name, r in rows.items()}
+    text = regimes_markdown({name: matched_rows(r, exclude_methods=REFERENCE_METHODS) for name, r in levels.items()},
                             {name: [x for x in r if x.get("method") in REFERENCE_METHODS] for name, r in rows.items()})
     spreads = {name: seed_spread(r, SEEDS_LEVEL) for name, r in rows.items()}
     if any(spreads.values()):
