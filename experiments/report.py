@@ -5,7 +5,7 @@ Prints the markdown table of every job's results.json (and the broken jobs it sk
 --retain-logs DIR`` it instead re-aggregates a pair of TOFU eval-log directories and prints the flat metrics
 as JSON. With ``--paper tofu|wmdp`` it prints the paper table of a paper sweep (``experiments/sweeps/paper_*.sh``:
 one subdirectory per forget split / corpus) and writes it to ``paper.md``. With ``--regimes`` the directory holds
-one sweep per regime (``experiments/sweeps/mini_tofu_regimes.sh``): it prints their matched tables side by side
+one sweep per regime (``experiments/sweeps/compare.sh``): it prints their matched tables side by side
 and writes ``regimes.md``. Bad input: one line on stderr, exit code 2.
 """
 

@@ -164,7 +164,7 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
 
 def write_regimes_report(root: str | os.PathLike) -> str:
     """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
-    ``scratch`` and ``pretrained`` of ``experiments/sweeps/mini_tofu_regimes.sh``): each regime's reference
+    ``scratch`` and ``pretrained`` of ``experiments/sweeps/compare.sh``): each regime's reference
     models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``; ``seeds_…`` sweeps left
     out), then — where a sweep has a
     ``seeds_<sweep>`` twin — mean ± sd over its runs at P̄ ``SEEDS_LEVEL`` (``seeds_markdown``). Returns the text."""
