@@ -312,7 +312,8 @@ class KFade:
         start = time.perf_counter()
         cfg, names = self.cfg, curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
-        start_probe = RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))
+        start_probe = (RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))  # trust region's budget
+                       if cfg.step_rule == "trust_region" and cfg.max_backtracks else None)
         grads, scores = forget_gradient(model, data.forget, names, self.progress)
         zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
