@@ -98,10 +98,10 @@ def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS,
     per_sweep = defaultdict(int)
     for sweep, _ in groups:
         per_sweep[sweep] += 1
-    out = []
+    out, at_levels = [], matched_levels(rows, levels)
     for sweep, name in sorted(groups):
         shown = name if not sweep else sweep if per_sweep[sweep] == 1 else f"{sweep}:{name}"
-        for label, level in matched_levels(rows, levels):
+        for label, level in at_levels:
             record = {"sweep": sweep, "variant": name, "name": shown, "level": label, "forget_prob": level}
             for metric in metrics:
                 points = [(float(r[PROB_KEY]), _number(r.get(metric))) for r in groups[(sweep, name)]]

@@ -86,6 +86,13 @@ def non_finite(what: str, tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def target_reached_at_start(prob: float, target: float | None) -> str | None:
+    """The ``skipped`` notice of a run whose starting forget P̄ is already at or below its target, else None."""
+    if target is None or prob > target:
+        return None
+    return f"forget P̄ {prob:.4g} is already at or below method.target_forget_prob={target:g}: no update taken"
+
+
 def snapshot(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Copies of the named parameters on the CPU (exact; keeps accelerator memory free)."""
     params = dict(model.named_parameters())

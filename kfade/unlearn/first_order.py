@@ -31,6 +31,7 @@ from kfade.unlearn.base import (
     require_positive,
     restore,
     snapshot,
+    target_reached_at_start,
 )
 from kfade.unlearn.losses import RetainKLProbe, forget_scores, mean_answer_prob
 from kfade.unlearn.step_search import eta_for_forget_prob
@@ -102,9 +103,8 @@ class FirstOrderMethod:
         scores = forget_scores(model, data.forget)
         history = [{"epoch": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0}]
         target = self.cfg.target_forget_prob
-        if target is not None and scores.prob <= target:
-            history[0]["skipped"] = (f"forget P̄ {scores.prob:.4g} is already at or below "
-                                     f"method.target_forget_prob={target:g}: no update")
+        if (skipped := target_reached_at_start(scores.prob, target)) is not None:
+            history[0]["skipped"] = skipped
         emit(history[-1])
         names = self.trainable(model)
         steps, reached = 0, None

@@ -69,6 +69,7 @@ from kfade.unlearn.base import (
     require_positive,
     restore,
     snapshot,
+    target_reached_at_start,
 )
 from kfade.unlearn.delta import apply_delta
 from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_scores
@@ -237,18 +238,19 @@ class KFade:
                                      self.eta(grads, direction, SEARCH_START_KL))
         return search.eta, {"forget_evals": search.evaluations}
 
-    def apply_checked(self, model, direction, eta, saved, start_probe, step) -> tuple[dict, int]:
+    def apply_checked(self, model, direction, eta, saved, start_probe, step) -> tuple[dict, int, str | None]:
         """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured KL budget on the check
-        batches (KL from the run's start). Returns (Δ applied, number of halvings); Δ is not applied if not finite.
-        """
+        batches (KL from the run's start). Returns (Δ, number of halvings, problem): ``problem`` names a non-finite
+        Δ, which is then not applied; else None."""
         backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
         for halvings in range(backtracks + 1):
             delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
-            if non_finite("step delta", delta):
-                return delta, halvings
+            problem = non_finite("step delta", delta)
+            if problem is not None:
+                return delta, halvings, problem
             apply_delta(model, delta)
             if halvings == backtracks or start_probe(model) <= step * self.cfg.kl_budget:
-                return delta, halvings
+                return delta, halvings, None
             restore(model, saved)
         raise AssertionError("unreachable")
 
@@ -275,9 +277,9 @@ class KFade:
         splits = 0
         eta, chosen = self.step_eta(model, grads, direction, data, prob, plan - step + 1)
         while True:
-            delta, halvings = self.apply_checked(model, direction, eta, saved, start_probe, step)
-            if non_finite("step delta", delta):
-                return record, direction, delta, plan, non_finite("step delta", delta)
+            delta, halvings, problem = self.apply_checked(model, direction, eta, saved, start_probe, step)
+            if problem is not None:
+                return record, direction, delta, plan, problem
             eta_taken = eta / 2**halvings
             if check is None:
                 break
@@ -318,9 +320,9 @@ class KFade:
         zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
                     "zero_eigenvalues": zeros}]
-        if cfg.step_rule == "target_forget" and scores.prob <= cfg.target_forget_prob:
-            history[0]["skipped"] = (f"forget P̄ {scores.prob:.4g} is already at or below "
-                                     f"method.target_forget_prob={cfg.target_forget_prob:g}: no step taken")
+        target = cfg.target_forget_prob if cfg.step_rule == "target_forget" else None
+        if (skipped := target_reached_at_start(scores.prob, target)) is not None:
+            history[0]["skipped"] = skipped
         emit(history[-1])
         previous, plan, step = None, cfg.n_steps, 0
         checkpoints = self.checkpoint_dir(model, data) if cfg.solver == "cg" and cfg.cg_checkpoint else None
