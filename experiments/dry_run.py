@@ -104,6 +104,7 @@ def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Arc
         trained = sum(s.out_features * s.in_features for s in arch.layers if regex.search(s.weight))
     kind = "kfade" if name == "kfade" else "first_order" if name in FIRST_ORDER else "none"
     return Workload(method=kind, estimator=cfg.curvature.estimator, solver=cfg.method.get("solver", "direct"),
+                    cg_dtype=cfg.method.get("cg_dtype", "float32"), cg_offload=cfg.method.get("cg_offload", "none"),
                     model_dtype=model.dtype, device=device, batch_size=int(cfg.dataset.batch_size),
                     max_length=int(cfg.dataset.max_length), mc_samples=int(cfg.curvature.get("mc_samples", 1)),
                     weight_copies=tuple(copies), trained_params=trained,

@@ -94,6 +94,8 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
     (["method.target_forget_prob=nan"], "method.target_forget_prob", "nan"),
     (["method.n_steps=0"], "method.n_steps", "0"),
     (["method.solver=newton"], "method.solver", "'newton'"),
+    (["method.cg_dtype=float16"], "method.cg_dtype", "'float16'"),
+    (["method.cg_offload=disk"], "method.cg_offload", "'disk'"),
     (["method=grad_ascent", "method.lr=-1e-5"], "method.lr", "-1e-05"),
     (["method.name=sgd"], "method.name", "'sgd'"),
     ([f"model.device={NO_SUCH_GPU}"], "model.device", f"'{NO_SUCH_GPU}'"),

@@ -93,11 +93,21 @@ def test_plan_counts_exactly_what_fit_curvature_stores(tiny_model, estimator, wh
 
 def test_step_items_and_layer_groups(llama2):
     params = factor_totals(llama2)["params"]
-    cg = {i.name: i for i in plan_memory(llama2, Workload(solver="cg"), Placement()).items}
+    cg_plan = plan_memory(llama2, Workload(solver="cg"), Placement())
+    cg = {i.name: i for i in cg_plan.items}
     direct = {i.name: i for i in plan_memory(llama2, Workload(solver="direct"), Placement()).items}
     cg_item = next(i for n, i in cg.items() if n.startswith("CG vectors"))
     assert cg_item.nbytes == CG_VECTORS * 4 * params and not any(n.startswith("CG") for n in direct)
     assert cg["forget gradient (fp32)"].nbytes == cg["K-FADE direction (fp32)"].nbytes == 4 * params
+    half = plan_memory(llama2, Workload(solver="cg", cg_dtype="bfloat16"), Placement())
+    assert next(i for i in half.items if i.name.startswith("CG vectors")).nbytes == CG_VECTORS * 2 * params
+    host = plan_memory(llama2, Workload(solver="cg", cg_offload="cpu"), Placement())
+    vectors = next(i for i in host.items if i.name.startswith("CG vectors"))
+    in_flight = next(i for i in host.items if i.name.startswith("CG vector in flight"))
+    assert vectors.where == "cpu" and in_flight.where == "device" and in_flight.nbytes == (2 + 4) * params
+    moved = (CG_VECTORS + 2) * 4 * params  # the vectors, the forget gradient and the direction go to the host
+    assert host.total("device", "step") == cg_plan.total("device", "step") - moved + 6 * params
+    assert host.total("cpu", "step") == cg_plan.total("cpu", "step") + moved
     names = ["l.0.attn.q", "l.0.attn.k", "l.0.mlp.up", "l.1.attn.q", "l.1.mlp.up"]  # whole modules stay together
     assert layer_chunks(names, 2) == [[0, 1, 2], [3, 4]] and len(layer_chunks(names, 9)) == 4
 

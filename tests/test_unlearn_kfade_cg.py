@@ -174,3 +174,18 @@ def test_safeguard_splits_a_step_that_leaves_the_quadratic_regime(problem, tmp_p
     assert len(splits) == sum(r.get("splits", 0) for r in history)
     assert splits[0]["split/kl_ratio"] == pytest.approx(unchecked[1]["kl_ratio"], rel=1e-6)
     assert len(history) - 1 == 1 + len(splits) <= 6  # each split added a step, up to max_steps
+
+
+def test_bf16_and_host_resident_cg_vectors(problem, tmp_path):
+    """bf16 PCG vectors (fp64 dots) give nearly the fp32-or-wider direction; host-resident vectors give exactly it
+    (on this machine the model's device is the host too: the path is the same code, moving nothing)."""
+    model, data = problem
+    curvature = CurvatureConfig(estimator="ekfac", fisher="exact", damping=0.1)
+    kwargs = {"step_rule": "fixed", "step_size": 1.0, "cg_iters": 5, "cg_tol": 0.0}
+    _, full = run(model, data, tmp_path, curvature, **kwargs)
+    _, offloaded = run(model, data, tmp_path, curvature, cg_offload="cpu", **kwargs)
+    history, half = run(model, data, tmp_path, curvature, cg_dtype="bfloat16", **kwargs)
+    names = list(full)
+    assert all(torch.equal(full[n], offloaded[n]) for n in names)
+    error = torch.linalg.norm(flat(half, names) - flat(full, names)) / torch.linalg.norm(flat(full, names))
+    assert 0 < error < 0.03 and history[1]["cg_iters"] == 5

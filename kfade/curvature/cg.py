@@ -2,7 +2,8 @@
 
 G is any symmetric positive semi-definite operator (here the exact Gauss-Newton product, ``ggn.GaussNewton``),
 M ≈ (G + λI)⁻¹ a symmetric positive definite preconditioner (here the fitted curvature's (Ĝ + δI)⁻¹). Dot products
-and norms are accumulated in fp64; the vectors keep their own dtype. Started from x₀ = 0, the first iterate is
+and norms are accumulated in fp64; the vectors keep their own dtype and device (those of b: e.g. bf16 vectors in
+host memory), and the operator's results are cast to them. Started from x₀ = 0, the first iterate is
 the preconditioned direct step itself, x₁ = α M b; later iterations correct it inside the Krylov space
 span{Mb, M(G+λI)Mb, …}. Stopping after few iterations regularises (the large-curvature directions converge
 first).
@@ -34,8 +35,8 @@ Operator = Callable[[Vector], Vector]
 
 
 def dot(a: Vector, b: Vector) -> float:
-    """⟨a, b⟩ summed over every tensor, in fp64."""
-    return sum(float(torch.vdot(a[n].double().flatten(), b[n].double().flatten())) for n in a)
+    """⟨a, b⟩ summed over every tensor, in fp64 (on a's device)."""
+    return sum(float(torch.vdot(a[n].double().flatten(), b[n].to(a[n].device).double().flatten())) for n in a)
 
 
 def axpy(alpha: float, x: Vector, y: Vector) -> Vector:
@@ -106,7 +107,7 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
     """
     def apply(v: Vector) -> Vector:
         gv = matvec(v)
-        return {n: gv[n].to(v[n].dtype) + damping * v[n] for n in v}
+        return {n: gv[n].to(v[n]) + damping * v[n] for n in v}
 
     b_norm = math.sqrt(dot(b, b))
     if b_norm == 0:

@@ -9,9 +9,12 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
   eigendecomposes each in fp64 and stores the eigenvectors (same sizes as the factors) at the factor dtype, plus
   the eigenvalues (K-FAC: vectors λ_A, λ_S; EK-FAC: the corrected Λ* of shape out×in' per layer, summed in fp32
   in a second pass). Diagonal: D (out×in') per layer.
-- The forget gradient and the K-FADE direction: one fp32 value per covered parameter each.
+- The forget gradient and the K-FADE direction: one fp32 value per covered parameter each (in host memory with
+  ``cg_offload=cpu``).
 - PCG (``kfade.curvature.cg``): x, r, z = M r, p, the product (G+λI)p, and during the update the new x and r
-  beside the old ones: 7 vectors of the covered parameters at peak (fp32).
+  beside the old ones: 7 vectors of the covered parameters at peak, at ``cg_dtype`` (fp32 or bf16) beside the
+  model, or in host memory with ``cg_offload=cpu``; then the device holds the vector in flight: a product's input
+  at the model dtype and its fp32 result (preconditioning moves one layer at a time).
 - Activations of one batch (N = batch × length tokens) are an estimate: the inputs (shared ones once) and
   outputs of every covered linear at the model dtype, the fp32 logits, their softmax and gradient; for the fit
   instead the vocabulary-wide fp32 tensors of ``kfade.curvature.capture`` (logits, label logits, softmax, and
@@ -44,6 +47,8 @@ class Workload:
     method: str = "kfade"  # kfade | first_order | none
     estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity
     solver: str = "cg"  # cg | direct
+    cg_dtype: str = "float32"  # the PCG vectors' dtype (float32 | bfloat16)
+    cg_offload: str = "none"  # where the PCG vectors live: none (the model's device) | cpu
     model_dtype: str = "bfloat16"
     device: str = "cuda"  # the model's device; "cpu" puts every device item on the host
     batch_size: int = 4
@@ -180,11 +185,16 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
               "step")
         return p
     _curvature_items(p, arch, w, placement)
-    p.add("forget gradient (fp32)", 4 * t["params"], "device", "step")
-    p.add("K-FADE direction (fp32)", 4 * t["params"], "device", "step")
+    where = "cpu" if w.solver == "cg" and w.cg_offload == "cpu" else "device"
+    p.add("forget gradient (fp32)", 4 * t["params"], where, "step")
+    p.add("K-FADE direction (fp32)", 4 * t["params"], where, "step")
     if w.solver == "cg":
-        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × fp32)", CG_VECTORS * 4 * t["params"],
-              "device", "step")
+        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × {w.cg_dtype}"
+              + (", host memory)" if where == "cpu" else ")"), CG_VECTORS * DTYPE_BYTES[w.cg_dtype] * t["params"],
+              where, "step")
+        if where == "cpu":
+            p.add(f"CG vector in flight: a product's input ({w.model_dtype}) and result (fp32)", (b + 4) * t["params"],
+                  "device", "step")
     widest = max(s.out_features * s.in_features for s in arch.layers)
     p.add("preconditioner workspace, one layer (fp32)", 3 * 4 * widest, "device", "step")
     p.add(f"step snapshot of the covered weights ({w.model_dtype})", t["params"] * b, "cpu", "step")

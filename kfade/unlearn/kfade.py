@@ -14,6 +14,8 @@ reuse it). The direction p comes from a solver:
   preconditioned gradient M∇L_f, the direct step's direction with δ + λ. With ``cg_checkpoint`` each PCG
   iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting weights, data, both configs)
   and the same run started again after a crash resumes there and ends bit-equal; removed when the run ends.
+  The PCG vectors are kept in ``cg_dtype`` (bfloat16 halves them; dot products stay fp64) and, with
+  ``cg_offload=cpu``, in host memory: only the vector of a product or a preconditioning visits the device.
 
 Step rules (η):
 - ``fixed``: η = ``step_size``.
@@ -78,6 +80,8 @@ from kfade.unlearn.step_search import eta_for_forget_prob
 STEP_RULES = ("fixed", "normalized", "trust_region", "target_forget")
 SOLVERS = ("direct", "cg")
 CG_DAMPING_MODES = ("absolute", "relative")
+CG_DTYPES = ("float32", "bfloat16")  # the PCG vectors' dtype (dot products are fp64 either way)
+CG_OFFLOADS = ("none", "cpu")  # where the PCG vectors live: with the model, or in host memory
 SEARCH_START_KL = 0.01  # target_forget starts its η search at the trust-region η of this many nats
 TINY_KL = 1e-12  # predicted KLs below this count as this (a zero step has no ratio)
 
@@ -104,6 +108,9 @@ class KFadeConfig:
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
     cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
+    cg_dtype: str = "float32"  # cg: PCG vectors x, r, z, p, (G+λI)p in float32 (fp64 for a fp64 model) | bfloat16
+    cg_offload: str = "none"  # cg: none (vectors on the model's device) | cpu (host memory; only the vector of a
+    #   product or a preconditioning visits the device)
     cg_warm_start: bool = True  # cg: start each step's PCG from the previous step's direction (else from 0)
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
@@ -116,6 +123,8 @@ class KFadeConfig:
         require_choice(self, "solver", SOLVERS)
         require_choice(self, "step_rule", STEP_RULES)
         require_choice(self, "cg_damping_mode", CG_DAMPING_MODES)
+        require_choice(self, "cg_dtype", CG_DTYPES)
+        require_choice(self, "cg_offload", CG_OFFLOADS)
         require_choice(self, "ggn_mode", GGN_MODES)
         require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches")
         if self.max_steps < self.n_steps:
@@ -135,6 +144,11 @@ class KFadeConfig:
             raise ConfigError("method.damping", self.damping, "must be a finite number >= 0 or null")
         if self.damping_mode is not None:
             require_choice(self, "damping_mode", DAMPING_MODES)
+
+
+def vector_dtype(gradient: torch.dtype, cg_dtype: str) -> torch.dtype:
+    """The PCG vectors' dtype: bfloat16, or ``float32`` meaning fp32 or the gradient's dtype when wider (fp64)."""
+    return torch.bfloat16 if cg_dtype == "bfloat16" else torch.promote_types(gradient, torch.float32)
 
 
 def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
@@ -187,6 +201,15 @@ class KFade:
         self.timings: dict[str, float] = {}
         self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "curvature"
 
+    def on_host(self) -> bool:
+        """With ``cg_offload=cpu`` the forget gradient and the direction live in host memory beside the PCG vectors
+        (each is moved to the device a layer or a product at a time)."""
+        return self.cfg.solver == "cg" and self.cfg.cg_offload == "cpu"
+
+    def forget_gradient(self, model, batches, names):
+        grads, scores = forget_gradient(model, batches, names, self.progress)
+        return ({n: g.to("cpu") for n, g in grads.items()} if self.on_host() else grads), scores
+
     def eta(self, grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], kl_budget: float) -> float:
         """η of the fixed / normalized / trust-region rules (trust region: ½ηpᵀ(G+λI)ηp = ``kl_budget``)."""
         rule = self.cfg.step_rule
@@ -210,8 +233,16 @@ class KFade:
             scale = curvature.mean_eigenvalue()
             lam *= scale if scale is not None else ggn.mean_eigenvalue(seed=self.curvature_cfg.seed)
 
-        def precondition(v):
-            return curvature.precondition(v, damping=cfg.damping, damping_mode=cfg.damping_mode, shift=lam)
+        device = next(model.parameters()).device
+        placed = {n: g.to(vector_dtype(g.dtype, cfg.cg_dtype)) for n, g in grads.items()}  # b, so every PCG vector
+
+        def precondition(v):  # one layer at a time on the device, in fp32 or wider
+            out = {}
+            for spec in curvature.layers:
+                layer = {n: v[n].to(device, torch.promote_types(v[n].dtype, torch.float32)) for n in spec.param_names}
+                out |= {n: t.to(v[n]) for n, t in curvature.precondition(
+                    layer, damping=cfg.damping, damping_mode=cfg.damping_mode, shift=lam).items()}
+            return out
 
         bar = tqdm(total=cfg.cg_iters, desc=f"CG, step {step}", leave=False, disable=not self.progress)
 
@@ -221,11 +252,11 @@ class KFade:
             emit({"cg/step": step, "cg/iteration": iteration, "cg/residual": residual})
 
         with bar:
-            result: CGResult = conjugate_gradient(ggn, grads, damping=lam, precondition=precondition,
+            result: CGResult = conjugate_gradient(ggn, placed, damping=lam, precondition=precondition,
                                                   max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
                                                   callback=log_iteration, key=f"step{step}:{lam!r}",
                                                   checkpoint=checkpoints and checkpoints / f"step{step}.safetensors")
-        direction = {n: result.x[n].to(g.dtype) for n, g in grads.items()}
+        direction = {n: result.x[n].to(g) for n, g in grads.items()}
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
                            "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
 
@@ -316,7 +347,7 @@ class KFade:
         probe = RetainKLProbe(model, data.kl_probe)
         start_probe = (RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))  # trust region's budget
                        if cfg.step_rule == "trust_region" and cfg.max_backtracks else None)
-        grads, scores = forget_gradient(model, data.forget, names, self.progress)
+        grads, scores = self.forget_gradient(model, data.forget, names)
         zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
                     "zero_eigenvalues": zeros}]
@@ -335,7 +366,7 @@ class KFade:
             if problem is None:
                 last = step == plan
                 grads, scores = ((None, forget_scores(model, data.forget)) if last
-                                 else forget_gradient(model, data.forget, names, self.progress))
+                                 else self.forget_gradient(model, data.forget, names))
                 if not math.isfinite(scores.nll):
                     problem = "non-finite forget loss (logits) after the step"
             if problem is not None:
