@@ -8,7 +8,9 @@ Prints, measured in one run:
   ``--cg-batches`` batches), wall time each, with the cached curvature;
 - the peak accelerator memory (host RSS on the CPU) against the dry-run plan of the same workload (``kfade.plan``);
 - the bf16-vs-fp32 relative error of the factors: the fp32 eigenvectors vs the same cast to bf16 after the fp64
-  eigh (what ``curvature.factor_dtype=bfloat16`` stores), and of the direct step's direction computed from them.
+  eigh (what ``curvature.factor_dtype=bfloat16`` stores), and of the direct step's direction computed from them;
+- one CG solve with the PCG vectors in fp32, bf16 (``method.cg_dtype``) and host memory (``method.cg_offload``):
+  time, peak accelerator memory of the solve, and the direction's error against fp32.
 
     python benchmarks/gpu_check.py            # the ~1B model (22 layers, hidden 2048, MLP 5632, 32k vocab) on CUDA
     python benchmarks/gpu_check.py --tiny     # seconds on a CPU: the same code paths on a 2-layer model
@@ -151,7 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     vec_err, dir_err = bf16_errors(curv, curv_bf16, grads)
     print(f"bf16 factors vs fp32: eigenvectors max relative error {vec_err:.2e}; direct direction relative "
           f"error {dir_err:.2e}")
+    cg_vector_variants(model, curv, cfg, grads, data, args, device)
     return 0
+
+
+def cg_vector_variants(model, curv: Curvature, cfg: CurvatureConfig, grads, data: UnlearnData, args,
+                       device: str) -> None:
+    """One CG solve with the PCG vectors in fp32, in bf16 (``cg_dtype``) and in host memory (``cg_offload``): its
+    time, the peak accelerator memory of the solve, and the direction's relative error against fp32."""
+    variants = {"fp32": {}, "bf16": {"cg_dtype": "bfloat16"}, "fp32 on the host": {"cg_offload": "cpu"},
+                "bf16 on the host": {"cg_dtype": "bfloat16", "cg_offload": "cpu"}}
+    reference = None
+    for label, extra in variants.items():
+        method = build_method("kfade", {"solver": "cg", "cg_iters": args.cg_iters, "cg_batches": args.cg_batches,
+                                        "cg_checkpoint": False, **extra}, curvature=cfg)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        direction, _ = method.solve(model, curv, grads, data, 1, None, lambda rec: None)
+        solve_s = timed(lambda: None, device) + time.perf_counter() - start
+        reference = direction if reference is None else reference
+        error = (sum(float((direction[n].float() - reference[n].float()).square().sum()) for n in reference)
+                 / sum(float(reference[n].float().square().sum()) for n in reference)) ** 0.5
+        print(f"CG solve, vectors {label}: {solve_s:.2f} s, peak memory {peak_bytes(device) / GB:.3f} GB, "
+              f"direction relative error vs fp32 {error:.2e}")
 
 
 if __name__ == "__main__":

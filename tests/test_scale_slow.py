@@ -19,8 +19,10 @@ def test_gpu_check_runs_on_cpu_with_tiny(capsys):
     assert main(["--tiny", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for needle in ("tokens/s", "× forward+backward", "K-FADE direct step", "K-FADE cg step", "dry-run plan",
-                   "bf16 factors vs fp32"):
+                   "bf16 factors vs fp32", "CG solve, vectors bf16 on the host"):
         assert needle in out
+    assert "vectors fp32 on the host: " in out and out.split("vectors fp32 on the host: ")[1].split("\n")[0].endswith(
+        "error vs fp32 0.00e+00")  # host-resident vectors change nothing but where they live
 
 
 def test_optuna_mini_sweep_on_the_tiny_default(tmp_path):

@@ -14,7 +14,7 @@ MODEL=${1:?usage: paper_tofu.sh llama2_7b|phi15 RETAIN_ROOT [SWEEP_DIR] [overrid
 RETAIN_ROOT=${2:?give RETAIN_ROOT (its retain99 / retain95 / retain90 subdirectories)}
 DIR=${3:-multirun/paper_tofu_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
 EXTRA=("${@:4}")
-SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; SOLVERS=direct at 7–8B (CG does not fit one GPU: dry_run=true)
+SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; at 7–8B CG needs method.cg_offload=cpu (dry_run=true)
 for pair in forget01:retain99 forget05:retain95 forget10:retain90; do
   split=${pair%%:*}
   common=(experiment="paper_tofu_$MODEL" dataset.forget_split="$split" model.retrain_path="$RETAIN_ROOT/${pair#*:}"

@@ -13,7 +13,7 @@ MODEL=${1:?usage: paper_wmdp.sh zephyr|llama3_8b WMDP_DIR [SWEEP_DIR] [overrides
 WMDP_DIR=${2:?give WMDP_DIR}
 DIR=${3:-multirun/paper_wmdp_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
 EXTRA=("${@:4}")
-SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; SOLVERS=direct at 7–8B (CG does not fit one GPU: dry_run=true)
+SOLVERS=${SOLVERS:-direct,cg}  # K-FADE solvers; at 7–8B CG needs method.cg_offload=cpu (dry_run=true)
 for pair in bio:bio_remove_dataset cyber:cyber-forget-corpus; do
   corpus=${pair%%:*}
   common=(experiment="paper_wmdp_$MODEL" dataset.source="$WMDP_DIR" "dataset.forget_corpora=[${pair#*:}]"

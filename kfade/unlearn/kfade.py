@@ -234,7 +234,8 @@ class KFade:
             lam *= scale if scale is not None else ggn.mean_eigenvalue(seed=self.curvature_cfg.seed)
 
         device = next(model.parameters()).device
-        placed = {n: g.to(vector_dtype(g.dtype, cfg.cg_dtype)) for n, g in grads.items()}  # b, so every PCG vector
+        placed = {n: g.to("cpu" if self.on_host() else g.device, vector_dtype(g.dtype, cfg.cg_dtype))
+                  for n, g in grads.items()}  # b, and so every PCG vector
 
         def precondition(v):  # one layer at a time on the device, in fp32 or wider
             out = {}
