@@ -11,8 +11,10 @@ from hydra import compose, initialize_config_dir
 from test_run import ROOT, run_in_process
 
 from kfade.data.formatting import QAFormatter, pad_id
+from kfade.eval.matched import columns_of, matched_rows
 from kfade.eval.quantize import quantize_weight, quantized
 from kfade.eval.relearn import RelearnConfig, attack_split, recovery, relearned
+from kfade.eval.report import REFERENCE_METHODS, _reference_rows, table_columns
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import run as entry  # noqa: E402
@@ -112,3 +114,19 @@ def test_no_audit_by_default():
         for experiment in ("mini_tofu", "mini_wmdp"):
             cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
             assert entry.validated(cfg).eval.audits == []  # default: none (speed); the compare sweep turns them on
+
+
+def test_audit_keys_become_report_and_matched_columns_only_when_present():
+    rows = [{"job": f"gd/{i}", "method": "grad_diff", "forget/prob": p, "relearn/recovery": r, "privleak": 10 * r,
+             "reference/forget/prob": 0.98, "retrain/relearn/recovery": 0.05}
+            for i, (p, r) in enumerate([(0.5, 0.2), (0.3, 0.6)])]
+    rows += _reference_rows(rows)
+    columns = table_columns(rows)
+    assert "relearn/recovery" in columns and "privleak" in columns and "quant4/recovery" not in columns
+    assert next(r for r in rows if r["method"] == "retrain")["relearn/recovery"] == 0.05
+    matched = matched_rows(rows, exclude_methods=REFERENCE_METHODS, levels=(0.38,))
+    at = next(r for r in matched if r["level"] == "0.38")
+    t = (np.log(0.38) - np.log(0.3)) / (np.log(0.5) - np.log(0.3))
+    assert at["relearn/recovery"] == pytest.approx(0.6 + t * (0.2 - 0.6))  # interpolated like every metric
+    assert "relearn/recovery" in columns_of(matched) and "quant4/recovery" not in columns_of(matched)
+    assert "relearn/recovery" not in columns_of(matched_rows([{"method": "x", "forget/prob": 0.4}]))
