@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from hydra import compose, initialize_config_dir
-from test_run import ROOT, run_in_process
+from test_run import ROOT, cache, run_in_process  # noqa: F401  (cache: the module's own model cache)
 
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.eval.matched import columns_of, matched_rows
@@ -27,15 +27,8 @@ AUDIT_KEYS = ["relearn/forget/prob", "relearn/forget_quality", "relearn_retain/f
 RECOVERIES = ["relearn/recovery", "relearn_retain/recovery", "quant4/recovery"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kfade-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KFADE_CACHE", str(path))
-        yield path
-
-
-def test_every_audit_scores_the_unlearned_reference_and_retrain_models(cache, tmp_path):
+@pytest.mark.usefixtures("cache")
+def test_every_audit_scores_the_unlearned_reference_and_retrain_models(tmp_path):
     results = run_in_process(tmp_path, "experiment=mini_tofu_reapply", "reapply.epochs=1", "method=grad_ascent",
                              "method.epochs=1", "eval.relearn.steps=2", "eval.quantize.bits=[4]",  # int8: below
                              "eval.audits=[relearn,relearn_retain,quantize,mia,extraction]")
@@ -56,7 +49,8 @@ def test_every_audit_scores_the_unlearned_reference_and_retrain_models(cache, tm
 
 
 @pytest.mark.slow  # ~16 s: trains the mini-WMDP pair and scores lm-eval tasks 3 × 3 times
-def test_relearn_and_quantize_on_mini_wmdp_hold_lm_eval_accuracies(cache, tmp_path):
+@pytest.mark.usefixtures("cache")
+def test_relearn_and_quantize_on_mini_wmdp_hold_lm_eval_accuracies(tmp_path):
     results = run_in_process(tmp_path, "experiment=mini_wmdp", "method=grad_ascent", "method.epochs=1",
                              "eval.lm_eval_limit=8", "eval.relearn.steps=2", "eval.quantize.bits=[4]",
                              "eval.audits=[relearn,quantize]")
