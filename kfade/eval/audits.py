@@ -78,14 +78,13 @@ def relearn_audit(suite, model, name: str, retain_only: bool, delta: dict | None
 
 def quantize_audit(suite, model, own: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
     """``quant<bits>/…``: every suite score of the quantized copy, and ``quant<bits>/recovery``."""
-    key = suite.forget_key()
+    cfg, key = suite.eval.quantize, suite.forget_key()
+    reference = baseline.get(f"reference/{key}")
     out: dict[str, float] = {}
-    for bits in suite.eval.quantize.bits:
-        q = suite.eval.quantize
-        scores = suite.score(quantized(model, bits, q.quant_type, q.blocksize))[0]
+    for bits in cfg.bits:
+        scores = suite.score(quantized(model, bits, cfg.quant_type, cfg.blocksize))[0]
         out |= {f"quant{bits}/{k}": v for k, v in scores.items()}
-        reference = baseline.get(f"reference/{key}")
-        if key in scores and reference is not None and key in own:
+        if key in scores and key in own and reference is not None:
             if (r := recovery(scores[key], own[key], reference)) is not None:
                 out[f"quant{bits}/recovery"] = r
     return out
