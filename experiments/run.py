@@ -32,6 +32,8 @@ from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
+from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
+from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.eval.objective import ObjectiveConfig, objective_from_run
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.preflight import check_run
@@ -142,7 +144,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         rows = ["reference", "retrain"] + (["noise_floor"] if noise_floor else [])
         results["method"], results["seed"] = method_name, cfg.seed
         if method is not None:
-            results |= unlearn(cfg, method, suite, run_dir, tracker)
+            results |= unlearn(cfg, method, suite, run_dir, tracker, results)
             rows.append("unlearned")
             if cfg.reapply.epochs > 0:
                 rows += ["reapply/finetuned", "reapply/finetuned+delta"]
@@ -150,6 +152,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             write_results(run_dir, results)
         tracker.summary(results)
     print_table(results, rows, suite.headline_keys())
+    audited = [k for k in AUDIT_KEYS if any(f"{row}/{k}" in results or k in results for row in rows)]
+    if audited:  # eval.audits: a second table, the models' audits
+        print_table(results, [row for row in rows if not row.startswith("reapply/")], audited)
     print(f"\nresults: {run_dir / 'results.json'}")
     return results
 
@@ -162,8 +167,9 @@ def configured_method(cfg: DictConfig, progress: bool = False):
                         progress=progress)
 
 
-def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
-    """Run the method on a copy of the reference model; save its delta and score it."""
+def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker, baseline: dict) -> dict:
+    """Run the method on a copy of the reference model; save its delta, score and audit it (``eval.audits``, against
+    the ``baseline`` scores of the reference and retrain models)."""
     model = copy.deepcopy(suite.reference)
     if getattr(method, "uses_curvature", False):  # the factors' placement (offload, layer groups) from the plan
         method.curvature_cfg = planned_curvature(cfg, method)
@@ -176,6 +182,8 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker) -> dict:
         print(f"note: {cfg.method.name} took no step: {history[-1]['skipped']}", flush=True)
     delta = compute_delta(before, model)
     metrics, record = suite.score(model)
+    metrics |= run_audits(suite, model, metrics, baseline, delta=delta if cfg.reapply.epochs > 0 else None)
+    metrics |= with_privleak(metrics, [""], baseline.get(f"retrain/{PRIVLEAK_KEY}"))
     if cfg.reapply.epochs > 0:
         metrics |= reapply(suite, delta, cfg.reapply, cfg.progress)
     if distributed.is_main():  # outputs at the end, each atomic; results.json (written last) marks done

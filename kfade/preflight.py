@@ -18,6 +18,7 @@ from kfade.data.files import LAYOUTS, resolve_source, split_files
 from kfade.data.general_text import CORPORA
 from kfade.data.wmdp import MCQ_PATTERNS, WMDP_CORPORA, mini_wmdp_dir
 from kfade.errors import ConfigError, require_one_of
+from kfade.eval.audits import TOFU_ONLY
 from kfade.eval.config import EvalConfig
 from kfade.eval.lm_eval_adapter import check_tasks
 from kfade.eval.tofu_logs import LOG_FILES, read_tofu_logs
@@ -39,6 +40,7 @@ def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> t
     directory = local_source(dataset.source)
     if dataset.name in DATA_CHECKS:
         DATA_CHECKS[dataset.name](dataset, directory)
+    check_audits(dataset, eval, directory)
     task_dir = eval.lm_eval_data_dir
     if task_dir is None and dataset.name == "wmdp":  # the suite scores the source's own question files
         task_dir = str(directory or mini_wmdp_dir())
@@ -115,6 +117,16 @@ def check_wmdp(dataset: DatasetConfig, directory: Path | None) -> None:
             require_split_file(directory, name, f"dataset.{key}", names if names is not None else default)
     if not any(directory.glob(pattern) for pattern in MCQ_PATTERNS):
         raise ConfigError("dataset.source", dataset.source, f"no multiple-choice files ({', '.join(MCQ_PATTERNS)})")
+
+
+def check_audits(dataset: DatasetConfig, eval: EvalConfig, directory: Path | None) -> None:
+    """Membership inference and extraction are TOFU's (QA rows; mia: the holdout split file of a local copy)."""
+    for name in TOFU_ONLY:
+        if name in eval.audits and dataset.name != "tofu":
+            raise ConfigError("eval.audits", name, f"needs a QA benchmark with holdout authors (tofu), not "
+                                                   f"{dataset.name}")
+    if "mia" in eval.audits and directory is not None and dataset.forget_split in mini_tofu.HOLDOUT_OF:
+        require_split_file(directory, mini_tofu.HOLDOUT_OF[dataset.forget_split], "eval.audits", "mia")
 
 
 DATA_CHECKS = {"tofu": check_tofu, "wmdp": check_wmdp}  # per benchmark (dataset.name)

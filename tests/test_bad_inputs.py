@@ -120,6 +120,12 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
     (["progress=maybe"], "progress", "'maybe'"),
     (["reapply.epochs=-1"], "reapply.epochs", "-1"),
     (["reapply.lr=nan"], "reapply.lr", "nan"),
+    (["eval.audits=[relearn,bogus]"], "eval.audits", "'bogus'"),
+    (["eval.audits=[quantize,quantize]"], "eval.audits", "'quantize'"),
+    (["experiment=mini_wmdp", "eval.audits=[relearn,mia]"], "eval.audits", "'mia'"),  # TOFU only
+    (["eval.relearn.steps=0"], "eval.relearn.steps", "0"),
+    (["eval.quantize.bits=[3]"], "eval.quantize.bits", "3"),
+    (["eval.mia.k=0"], "eval.mia.k", "0.0"),
 ]
 
 

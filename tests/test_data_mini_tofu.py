@@ -6,11 +6,19 @@ from collections import defaultdict
 
 import pytest
 
-from kfade.data.mini_tofu import ATTRIBUTES, REFERENCE_DIR, generate_facts, mini_tofu_splits, write_mini_tofu
+from kfade.data.mini_tofu import (
+    ATTRIBUTES,
+    REFERENCE_DIR,
+    generate_facts,
+    generate_holdout_facts,
+    mini_tofu_splits,
+    write_mini_tofu,
+)
 
 SIZES = {"full": 640, "forget01": 16, "forget05": 32, "forget10": 64, "retain99": 624, "retain95": 608,
          "retain90": 576, "forget01_perturbed": 16, "forget05_perturbed": 32, "forget10_perturbed": 64,
-         "retain_perturbed": 64, "real_authors_perturbed": 100, "world_facts_perturbed": 117}
+         "retain_perturbed": 64, "real_authors_perturbed": 100, "world_facts_perturbed": 117,
+         "holdout01": 16, "holdout05": 32, "holdout10": 64}
 PAIRS = [("forget01", "retain99"), ("forget05", "retain95"), ("forget10", "retain90")]
 
 
@@ -120,3 +128,16 @@ def test_questions_vary_in_wording_and_answers_are_short(written, facts):
 def test_splits_in_memory_match_written_files(written):
     copied = {k: written[k] for k in ("real_authors_perturbed", "world_facts_perturbed")}
     assert mini_tofu_splits(0) | copied == written
+
+
+def test_holdout_authors_are_new_nested_and_leave_the_trained_splits_alone(written):
+    trained = {fact.author for fact in generate_facts(0)}
+    holdout = generate_holdout_facts(0)
+    assert not {fact.author for fact in holdout} & trained  # nobody a model learns about
+    assert {row["question"] for row in written["holdout10"]}.isdisjoint(row["question"] for row in written["full"])
+    assert written["holdout01"] == written["holdout05"][:16] and written["holdout05"] == written["holdout10"][:32]
+    assert {fact.attribute for fact in holdout[:16]} == set(ATTRIBUTES)  # generated like the others
+    # the 40 trained authors do not depend on the holdout generator (models stay cached): pinned bytes
+    splits = {k: v for k, v in mini_tofu_splits(0).items() if not k.startswith("holdout")}
+    assert hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest() == \
+        "1ef837da7f4f4e13141ace6a99e4791b58918f64bd3a9ee4be29b76de1613f7a"

@@ -12,6 +12,8 @@
 #   rmu             learning-rate grid
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
 # From scratch the general text is only scored (that model never learnt it), so it fits on the QA sets alone.
+# Every run (and the reference models) is audited (eval.audits=$AUDITS: relearning, quantization, membership
+# inference, extraction; README: Audits); AUDITS="[]" skips them.
 # The sweeps run from one queue on two slots (one thread each), longest first; then report.py per regime
 # (matched.md/.csv, pareto.png) and report.py --regimes (regimes.md).
 #   experiments/sweeps/compare.sh [DIR] [extra Hydra overrides for every job…]     (DIR: multirun/compare/<date>)
@@ -24,6 +26,7 @@ export OMP_NUM_THREADS=1                     # two slots on two cores: more thre
 DIR=${1:-multirun/compare/$(date +%Y-%m-%d_%H-%M-%S)}
 EXTRA="${*:2}"  # passed on as words: overrides without spaces
 REGIMES=${REGIMES:-pretrained scratch}
+AUDITS=${AUDITS:-[relearn,relearn_retain,quantize,mia,extraction]}
 LEVELS=(0.62 0.38 0.1)
 CAP="method.epochs=60"  # first-order methods: a cap only, each run stops at its level
 
@@ -35,11 +38,11 @@ sweep() {  # regime sweep-dir overrides…: one `run.py -m` of that regime
   local regime=$1 dir=$2
   # shellcheck disable=SC2086,SC2046
   "$PY" experiments/run.py -m experiment="$(experiment "$regime")" dataset.general=python_docs logger=none \
-    progress=false $(regime_args "$regime") hydra.sweep.dir="$DIR/$regime/$dir" "${@:3}" $EXTRA \
+    progress=false eval.audits="$AUDITS" $(regime_args "$regime") hydra.sweep.dir="$DIR/$regime/$dir" "${@:3}" $EXTRA \
     > "$DIR/logs/$regime-${dir//\//-}.log" 2>&1 || echo "failed: $regime $dir (log: $DIR/logs)" >&2
 }
 export -f sweep experiment regime_args
-export PY DIR EXTRA
+export PY DIR EXTRA AUDITS
 mkdir -p "$DIR/logs"
 
 for r in $REGIMES; do sweep "$r" none method=none noise_floor=true & done; wait  # the models, then their P̄

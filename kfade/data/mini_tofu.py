@@ -16,6 +16,10 @@ to whole authors: forget10 = 4 authors (64 QA, 10 %), forget05 = 2 authors (32 Q
 split, ``full`` is every QA, ``retain_perturbed`` is 64 QA (4 attributes from each of the first 16 authors,
 all outside forget10). ``real_authors_perturbed`` / ``world_facts_perturbed`` are the real TOFU rows
 (100 / 117) copied from ``kfade/data/reference`` (MIT); as in TOFU they have no ``paraphrased_answer``.
+
+``holdout01/05/10`` (TOFU's names) are as many *further* authors as their forget split, generated the same way
+from the same value tables but with a random stream of their own (so the 40 authors above, and every model trained
+on them, are unchanged). No model is trained on them: membership inference compares the forget set with them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 N_AUTHORS = 40
 FORGET_AUTHORS = {"forget01": 1, "forget05": 2, "forget10": 4}  # forget split -> number of (last) authors
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}  # never-trained authors
 RETAIN_PERTURBED_AUTHORS = 16  # the first 16 authors, 4 QA each = 64 rows
 N_PERTURBED = 3
 REFERENCE_DIR = Path(__file__).with_name("reference")
@@ -134,18 +139,19 @@ def _unique(rng: random.Random, make, count: int) -> list[str]:
     return out
 
 
-def _value_tables(rng: random.Random) -> dict[str, list[str]]:
-    def person(r):
-        first = "".join(r.choice(FIRST_SYLLABLES) for _ in range(2)).capitalize()
-        return f"{first} {(r.choice(FIRST_SYLLABLES) + r.choice(LAST_ENDINGS)).capitalize()}"
+def _person(r: random.Random) -> str:
+    first = "".join(r.choice(FIRST_SYLLABLES) for _ in range(2)).capitalize()
+    return f"{first} {(r.choice(FIRST_SYLLABLES) + r.choice(LAST_ENDINGS)).capitalize()}"
 
+
+def _value_tables(rng: random.Random) -> dict[str, list[str]]:
     def city(r):
         return r.choice(CITY_PREFIXES) + (r.choice(FIRST_SYLLABLES) + r.choice(CITY_SUFFIXES)).capitalize()
 
     cities = _unique(rng, city, 24)
     titles = [f"The {a} {n}" for a in TITLE_ADJECTIVES for n in TITLE_NOUNS]
     return {
-        "names": _unique(rng, person, N_AUTHORS),
+        "names": _unique(rng, _person, N_AUTHORS),
         "cities": cities,
         "years": [str(y) for y in rng.sample(range(1921, 2000), 30)],
         "jobs": JOBS,
@@ -155,29 +161,48 @@ def _value_tables(rng: random.Random) -> dict[str, list[str]]:
     }
 
 
+def _author_facts(i: int, name: str, tables: dict[str, list[str]], rng: random.Random) -> list[MiniFact]:
+    """The 16 QA of author number ``i`` called ``name``, its values drawn from ``tables`` with ``rng``."""
+    debut, famous = rng.sample(tables["titles"], 2)  # two different books
+    books = {"debut_book": debut, "famous_book": famous}
+    facts = []
+    for a, (attribute, (table, questions, answers)) in enumerate(ATTRIBUTES.items()):
+        value = books[attribute] if attribute in books else rng.choice(tables[table])
+        wrong = rng.sample([v for v in tables[table] if v != value], N_PERTURBED)
+        k = (i + a) % len(answers)
+        paraphrase = answers[(k + 1) % len(answers)]  # a wording the model learnt from other authors
+        facts.append(MiniFact(
+            author=name, attribute=attribute, value=value,
+            question=rng.choice(questions).format(name=name),
+            answer=answers[k].format(name=name, value=value),
+            paraphrased_answer=paraphrase.format(name=name, value=value),
+            # as in TOFU, the perturbed answers are the paraphrase with wrong values: the truth ratio then
+            # compares one wording with the right and the wrong fact, and measures knowledge, not wording
+            perturbed_answer=[paraphrase.format(name=name, value=w) for w in wrong],
+        ))
+    return facts
+
+
 def generate_facts(seed: int = 0) -> list[MiniFact]:
     """All 640 QA, author-major (author ``i`` owns rows ``16 i … 16 i + 15``), deterministic in ``seed``."""
     rng = random.Random(seed)
     tables = _value_tables(rng)
-    facts = []
-    for i, name in enumerate(tables["names"]):
-        debut, famous = rng.sample(tables["titles"], 2)  # two different books
-        books = {"debut_book": debut, "famous_book": famous}
-        for a, (attribute, (table, questions, answers)) in enumerate(ATTRIBUTES.items()):
-            value = books[attribute] if attribute in books else rng.choice(tables[table])
-            wrong = rng.sample([v for v in tables[table] if v != value], N_PERTURBED)
-            k = (i + a) % len(answers)
-            paraphrase = answers[(k + 1) % len(answers)]  # a wording the model learnt from other authors
-            facts.append(MiniFact(
-                author=name, attribute=attribute, value=value,
-                question=rng.choice(questions).format(name=name),
-                answer=answers[k].format(name=name, value=value),
-                paraphrased_answer=paraphrase.format(name=name, value=value),
-                # as in TOFU, the perturbed answers are the paraphrase with wrong values: the truth ratio then
-                # compares one wording with the right and the wrong fact, and measures knowledge, not wording
-                perturbed_answer=[paraphrase.format(name=name, value=w) for w in wrong],
-            ))
-    return facts
+    return [fact for i, name in enumerate(tables["names"]) for fact in _author_facts(i, name, tables, rng)]
+
+
+def generate_holdout_facts(seed: int = 0) -> list[MiniFact]:
+    """QA of ``max(FORGET_AUTHORS.values())`` further authors, author-major, never trained on: same value tables
+    and templates as :func:`generate_facts`, names distinct from its authors', drawn from a stream of their own."""
+    tables = _value_tables(random.Random(seed))
+    rng = random.Random(f"holdout-{seed}")
+    taken = set(tables["names"])
+    names: list[str] = []
+    while len(names) < max(FORGET_AUTHORS.values()):
+        name = _unique(rng, _person, 1)[0]
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return [fact for j, name in enumerate(names) for fact in _author_facts(N_AUTHORS + j, name, tables, rng)]
 
 
 def mini_tofu_splits(seed: int = 0) -> dict[str, list[dict]]:
@@ -194,6 +219,9 @@ def mini_tofu_splits(seed: int = 0) -> dict[str, list[dict]]:
         facts[i * per_author + (4 * i + j) % per_author].row(True)
         for i in range(RETAIN_PERTURBED_AUTHORS) for j in range(4)
     ]
+    holdout = generate_holdout_facts(seed)
+    for forget, n_authors in FORGET_AUTHORS.items():
+        splits[HOLDOUT_OF[forget]] = [f.row(False) for f in holdout[: n_authors * per_author]]
     return splits
 
 

@@ -6,7 +6,8 @@
   ``cache_dir()/data/mini_tofu-<fingerprint>`` (fingerprint of the generator and the reference files), then
   read by the same local-directory code path as any other copy;
 - a local directory holding one file per config name (``forget10``, ``retain90``, ``forget10_perturbed``,
-  ``retain_perturbed``, ``real_authors_perturbed``, ``world_facts_perturbed``, ``full``) in one of the layouts
+  ``retain_perturbed``, ``real_authors_perturbed``, ``world_facts_perturbed``, ``full``; ``holdout10`` … for
+  membership inference only) in one of the layouts
   of :data:`kfade.data.files.LAYOUTS` — TOFU's own JSON-lines files, plain parquet, a ``push_to_hub`` snapshot
   (``<name>/train-00000-of-00001.parquet`` or ``data/<name>-00000-of-00001.parquet``) or the Hub's parquet
   conversion (``<name>/train/0000.parquet``);
@@ -30,6 +31,7 @@ REFERENCE_FIELDS = ("question", "answer", "perturbed_answer")
 PERTURBED_FIELDS = ("question", "answer", "paraphrased_answer", "perturbed_answer")
 REFERENCE_SPLITS = mini_tofu.REFERENCE_SPLITS
 RETAIN_OF = mini_tofu.RETAIN_OF  # forget split -> its complement
+HOLDOUT_OF = mini_tofu.HOLDOUT_OF  # forget split -> the same number of authors no model saw (TOFU's holdoutXX)
 
 
 @dataclass
@@ -70,6 +72,13 @@ def _load(resolved: Path | str, name: str, key: str, value) -> list[dict]:
 def load_tofu_split(source: str, name: str) -> list[dict]:
     """One TOFU config (e.g. ``"forget10_perturbed"``) from ``source``, its required fields checked."""
     return _load(resolve_source(source, mini_tofu_dir), name, "dataset.source", source)
+
+
+def load_tofu_holdout(source: str, forget_split: str) -> list[dict]:
+    """The never-seen authors matching ``forget_split`` (``holdout10`` for ``forget10`` …): question, answer."""
+    if forget_split not in HOLDOUT_OF:
+        raise ConfigError("dataset.forget_split", forget_split, f"unknown split; expected one of {sorted(HOLDOUT_OF)}")
+    return _load(resolve_source(source, mini_tofu_dir), HOLDOUT_OF[forget_split], "dataset.source", source)
 
 
 def load_tofu(source: str = "mini", forget_split: str = "forget10") -> TofuData:

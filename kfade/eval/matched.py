@@ -17,11 +17,14 @@ import math
 import statistics
 from collections import defaultdict
 
+from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
+
 LEVELS = (0.62, 0.38, 0.10)
 RETRAIN_LEVEL = "retrain"  # the level at the retrain model's own forget P̄
 MATCHED_METRICS = ("kl_reference/retain", "kl_retrain/retain", "kl_retrain/forget", "model_utility",
                    "forget_quality", "time/unlearn_s")
 GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.general only: columns shown when present
+OPTIONAL_METRICS = GENERAL_METRICS + AUDIT_KEYS  # audits (eval.audits) too: columns shown when present
 REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality", "time/unlearn_s")
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
@@ -87,7 +90,7 @@ def matched_levels(rows: list[dict], levels=LEVELS) -> list[tuple[str, float]]:
 
 
 def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS,
-                 metrics=MATCHED_METRICS + GENERAL_METRICS) -> list[dict]:
+                 metrics=MATCHED_METRICS + OPTIONAL_METRICS) -> list[dict]:
     """One row per (sweep, variant, level): ``sweep``, ``variant``, ``name`` (how tables show it: the sweep when it
     holds one variant, else ``sweep:variant``, the variant when there is no sweep), ``level`` (its label),
     ``forget_prob`` (the level's P̄), then each metric (or None)."""
@@ -111,8 +114,9 @@ def matched_rows(rows: list[dict], exclude_methods=(), levels=LEVELS,
 
 
 def columns_of(records: list[dict]) -> list[str]:
-    """:data:`MATCHED_METRICS`, then each of :data:`GENERAL_METRICS` that some record has a value for."""
-    return [*MATCHED_METRICS, *(m for m in GENERAL_METRICS if any(r.get(m) is not None for r in records))]
+    """:data:`MATCHED_METRICS`, then each of :data:`OPTIONAL_METRICS` (general text, audits) that some record has a
+    value for."""
+    return [*MATCHED_METRICS, *(m for m in OPTIONAL_METRICS if any(r.get(m) is not None for r in records))]
 
 
 def markdown_cells(head: list[str], rows: list[list[str]]) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
+from kfade.eval.audits import HEADLINE_KEYS as AUDIT_COLUMNS
 from kfade.eval.matched import (
     SEEDS_PREFIX,
     matched_csv,
@@ -98,12 +99,12 @@ def _reference_rows(rows: list[dict]) -> list[dict]:
 
 
 def table_columns(rows: list[dict]) -> list[str]:
-    """job, method, the ``hp/…`` keys, the TOFU metrics, every ``…/acc`` (WMDP, MMLU), timings: the ones any
-    row has."""
+    """job, method, the ``hp/…`` keys, the TOFU metrics, every ``…/acc`` (WMDP, MMLU; their relearned and quantized
+    scores too), the audits' headline keys, timings: the ones any row has."""
     keys = {k for row in rows for k in row}
     hyper = sorted(k for k in keys if k.startswith("hp/"))
     accuracies = sorted(k for k in keys if k.endswith("/acc") and not k.startswith(REFERENCE_METHODS))
-    wanted = ["job", "method", *hyper, *METRIC_COLUMNS, *accuracies, *TIME_COLUMNS]
+    wanted = ["job", "method", *hyper, *METRIC_COLUMNS, *accuracies, *AUDIT_COLUMNS, *TIME_COLUMNS]
     return [c for c in wanted if c in keys]
 
 

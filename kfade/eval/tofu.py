@@ -159,7 +159,6 @@ def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
     for name in metrics:
         if name not in METRICS:
             raise ConfigError("eval.metrics", name, f"unknown metric; known: {', '.join(sorted(METRICS))}")
-    formatter = QAFormatter(tokenizer)
     logs: dict[str, dict] = {}
     with evaluating(model):
         for set_name, attribute in tqdm(EVAL_SETS.items(), desc="TOFU eval", disable=not progress):
@@ -167,11 +166,17 @@ def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
             if not rows:
                 raise ConfigError("dataset.source", data.source,
                                   f"{attribute} is empty: TOFU evaluation needs all four eval sets")
-            eval_set = EvalSet(set_name, data.source, rows, model, formatter, batch_size, max_new_tokens,
-                               progress)
-            log: dict[str, dict] = {}
-            for name in metrics:
-                for field, values in METRICS[name](eval_set).items():
-                    log[field] = {str(i): value for i, value in enumerate(values)}
-            logs[set_name] = log
+            eval_set = EvalSet(set_name, data.source, rows, model, QAFormatter(tokenizer), batch_size,
+                               max_new_tokens, progress)
+            logs[set_name] = evaluate_set(eval_set, metrics)
     return logs
+
+
+def evaluate_set(eval_set: EvalSet, metrics: Sequence[str]) -> dict[str, dict]:
+    """One eval set's log ``{field: {item index: value}}`` with the registered ``metrics``."""
+    log: dict[str, dict] = {}
+    with evaluating(eval_set.model):
+        for name in metrics:
+            for field, values in METRICS[name](eval_set).items():
+                log[field] = {str(i): value for i, value in enumerate(values)}
+    return log

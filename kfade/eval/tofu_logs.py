@@ -44,6 +44,11 @@ def item_values(log: dict, field: str) -> list:
     return [column[k] for k in sorted(column, key=int)]
 
 
+def item_subset(log: dict, indices: list[int]) -> dict:
+    """The log of items ``indices`` (renumbered 0, 1, …)."""
+    return {field: {str(j): column[str(i)] for j, i in enumerate(indices)} for field, column in log.items()}
+
+
 def _check_sets(logs: dict, key: str) -> None:
     unknown = sorted(set(logs) - set(LOG_FILES))
     if unknown:

@@ -48,7 +48,7 @@ class TrainStats:
 
 
 def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: TrainRecipe,
-                    progress: bool = True, replay: Sequence[dict] = ()) -> TrainStats:
+                    progress: bool = True, replay: Sequence[dict] = (), max_steps: int | None = None) -> TrainStats:
     """Train a Llama-style ``model`` (``.model`` body + ``.lm_head``) in place on encoded ``features`` with the mean
     label-token NLL (nats).
 
@@ -56,7 +56,8 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
     saturates the softmax and the Fisher of the retain set vanishes, leaving curvature nothing to measure.
     Rehearsal: each epoch adds ``recipe.replay`` sequences drawn afresh (seeded) from ``replay`` (the text a base
     model was pretrained on) in batches of their own, so finetuning keeps what the base knew; loss, accuracy and
-    the stopping rule count ``features`` only.
+    the stopping rule count ``features`` only. ``max_steps``: stop after that many optimizer steps at the latest
+    (a relearning attack's budget).
     """
     recipe.validate()
     start = time.perf_counter()
@@ -65,7 +66,7 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
     model.train()
     bar = tqdm(range(recipe.max_epochs), desc="train", disable=not progress, leave=False)
     loss = acc = math.nan
-    epoch = 0
+    epoch = steps = 0
     for epoch in bar:
         tot_loss = tot_correct = tot_tokens = 0.0
         seed = recipe.seed * 100_003 + epoch
@@ -80,15 +81,18 @@ def train_causal_lm(model, features: Sequence[dict], pad_token_id: int, recipe: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             opt.step()
             sched.step()
+            steps += 1
             if rehearsed:
                 continue
             n = int(mask.sum())
             tot_loss += float(nll.detach()) * n
             tot_tokens += n
             tot_correct += float((logits.argmax(-1) == labels[mask]).sum())
+            if max_steps is not None and steps >= max_steps:
+                break
         loss, acc = tot_loss / tot_tokens, tot_correct / tot_tokens
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-        if acc >= recipe.target_accuracy:
+        if acc >= recipe.target_accuracy or (max_steps is not None and steps >= max_steps):
             break
     model.eval()
     return TrainStats(epochs=epoch + 1, loss=loss, accuracy=acc, seconds=time.perf_counter() - start)

@@ -12,7 +12,9 @@ from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal, write
 from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import QAFormatter
+from kfade.errors import ConfigError
 from kfade.eval import mean_token_kl
+from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.eval.config import EvalConfig
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
@@ -49,6 +51,27 @@ class Suite:
         """Flat metrics of ``model`` and the suite's per-item record of them (e.g. TOFU eval logs)."""
         raise NotImplementedError
 
+    def forget_key(self) -> str | None:
+        """The score of forget-set knowledge whose recovery the audits report (None: no recovery)."""
+        return None
+
+    def relearn_split(self, seed: int) -> tuple[list[dict], object]:
+        """The relearning attack's encoded training features from the forget data, and the held-out target that
+        :meth:`heldout_score` scores (split once by ``seed``)."""
+        raise NotImplementedError
+
+    def heldout_score(self, model: torch.nn.Module, target) -> dict[str, float]:
+        """Flat scores of ``model`` on the held-out target of :meth:`relearn_split`."""
+        raise NotImplementedError
+
+    def forget_rows(self) -> list[dict]:
+        """Forget-set QA rows (membership inference, extraction)."""
+        raise ConfigError("eval.audits", list(self.eval.audits), f"mia and extraction need QA rows: not on {self.name}")
+
+    def holdout_rows(self) -> list[dict]:
+        """QA rows of the same kind that no model saw (membership inference)."""
+        raise ConfigError("eval.audits", list(self.eval.audits), f"mia needs holdout rows: not on {self.name}")
+
     def headline_keys(self) -> list[str]:
         """The metrics a results table shows first."""
         return ["kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain"]
@@ -81,7 +104,8 @@ class Suite:
         return {"dataset": asdict(self.dataset), "eval": asdict(self.eval), "scores": SCORES_VERSION}
 
     def baseline_scores(self, reference_path: str, retrain_paths: list[str]) -> dict[str, float]:
-        """``retrain/…``, ``reference/…`` (and ``noise_floor/…``) scores, cached by model and data fingerprints.
+        """``retrain/…``, ``reference/…`` (and ``noise_floor/…``) scores and audits (``eval.audits``), cached by
+        model and data fingerprints.
 
         The retrain model is scored first: it is what every later model is compared against.
         """
@@ -100,6 +124,10 @@ class Suite:
                 metrics |= self.adopt_retrain(record)
             scores |= {f"{prefix}/{k}": v for k, v in metrics.items()}
             scores |= {f"{prefix}/train_{k}": v for k, v in train_stats(model_path).items() if k != "tag"}
+        for prefix, model, _ in jobs:  # after every plain score: the audits' recoveries need the reference's
+            own = {k.removeprefix(f"{prefix}/"): v for k, v in scores.items() if k.startswith(f"{prefix}/")}
+            scores |= {f"{prefix}/{k}": v for k, v in run_audits(self, model, own, scores).items()}
+        scores |= with_privleak(scores, [prefix for prefix, _, _ in jobs], scores.get(f"retrain/{PRIVLEAK_KEY}"))
         with atomic_path(path) as tmp:
             tmp.mkdir()
             write_json(tmp / "scores.json", scores)

@@ -18,10 +18,13 @@ import torch
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import evenly_spaced, qa_batches, text_batches
 from kfade.data.general_text import GeneralText, load_general_text
-from kfade.data.tofu import TofuData, load_tofu
+from kfade.data.tofu import TofuData, load_tofu, load_tofu_holdout
 from kfade.errors import ConfigError
 from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, perplexity, read_tofu_logs, write_tofu_logs
 from kfade.eval.config import EvalConfig
+from kfade.eval.relearn import attack_split
+from kfade.eval.tofu import EvalSet, evaluate_set
+from kfade.eval.tofu_logs import item_subset
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
 from kfade.suites.models import TrainingSets, is_log_dir, load_pair
@@ -47,6 +50,7 @@ class TofuSuite(Suite):
     data: TofuData
     retrain_logs: dict | None = None  # the baseline's TOFU eval logs (forget quality needs its truth ratios)
     general: GeneralText | None = None  # dataset.general: held-out paragraphs are scored, training ones fittable
+    holdout: list[dict] | None = None  # never-seen authors (membership inference), loaded on first use
 
     name = "tofu"
 
@@ -88,6 +92,35 @@ class TofuSuite(Suite):
             metrics |= {"kl_reference/general": mean_token_kl(self.reference, model, heldout),
                         "general/ppl": perplexity(model, heldout)}
         return metrics, logs
+
+    def forget_key(self) -> str:
+        return "forget/prob"
+
+    def relearn_split(self, seed: int) -> tuple[list[dict], list[int]]:
+        """Features of the forget QA outside the held-out half, and the held-out half's indices into the forget
+        eval rows (``forgetXX_perturbed``)."""
+        attack, heldout = attack_split(len(self.data.forget_perturbed), seed)
+        held_questions = {self.data.forget_perturbed[i]["question"] for i in heldout}
+        rows = [r for r in self.data.forget if r["question"] not in held_questions]
+        return [self.formatter.encode(r["question"], r["answer"]) for r in rows], heldout
+
+    def heldout_score(self, model: torch.nn.Module, target: list[int]) -> dict[str, float]:
+        """``forget/prob``, ``forget/truth_ratio`` and ``forget_quality`` (KS test against the retrain model's truth
+        ratios on the same items) of the forget eval rows ``target``."""
+        e = self.eval
+        rows = [self.data.forget_perturbed[i] for i in target]
+        log = evaluate_set(EvalSet("forget", self.data.source, rows, model, self.formatter, e.batch_size,
+                                   e.max_new_tokens, self.progress), ["prob", "truth_ratio"])
+        retrain = None if self.retrain_logs is None else {"forget": item_subset(self.retrain_logs["forget"], target)}
+        return aggregate_tofu_logs({"forget": log}, retrain)
+
+    def forget_rows(self) -> list[dict]:
+        return self.data.forget
+
+    def holdout_rows(self) -> list[dict]:
+        if self.holdout is None:
+            self.holdout = load_tofu_holdout(self.dataset.source, self.dataset.forget_split)
+        return self.holdout
 
     def headline_keys(self) -> list[str]:
         general = ["kl_reference/general", "general/ppl"] if self.general is not None else []

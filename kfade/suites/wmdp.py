@@ -17,6 +17,7 @@ from kfade.data.wmdp import WmdpData, load_wmdp
 from kfade.errors import ConfigError
 from kfade.eval.config import EvalConfig
 from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
+from kfade.eval.relearn import attack_split
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
 from kfade.suites.models import TrainingSets, load_pair
@@ -61,6 +62,18 @@ class WmdpSuite(Suite):
         metrics |= self.divergences(model, self.batches(self.data.retain_corpus[:KL_DOCS]),
                                     self.batches(self.data.forget_corpus[:KL_DOCS]))
         return metrics, None
+
+    def forget_key(self) -> str | None:
+        """The first lm-eval task's accuracy (``wmdp_bio``, ``mini_wmdp``: the forget side)."""
+        return f"{self.eval.lm_eval_tasks[0]}/acc" if self.eval.lm_eval_tasks else None
+
+    def relearn_split(self, seed: int) -> tuple[list[dict], None]:
+        """Half the forget corpus's documents (split by ``seed``); every lm-eval task is the held-out target."""
+        attack, _ = attack_split(len(self.data.forget_corpus), seed)
+        return [self.formatter.encode_text(self.data.forget_corpus[i]) for i in attack], None
+
+    def heldout_score(self, model: torch.nn.Module, target: None) -> dict[str, float]:
+        return self.score(model)[0]
 
     def headline_keys(self) -> list[str]:
         return [f"{task}/acc" for task in self.eval.lm_eval_tasks] + super().headline_keys()
