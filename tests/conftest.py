@@ -68,12 +68,12 @@ def reference_rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (REFERENCE_DIR / f"{name}.json").read_text().splitlines()]
 
 
-def small_tofu_splits() -> dict[str, list[dict]]:
-    """A few rows of every TOFU config forget10 needs (forget10 and retain90 disjoint), from mini-TOFU and the real
-    reference rows."""
+def small_tofu_splits(retain: int = 4) -> dict[str, list[dict]]:
+    """A few rows of every TOFU config forget10 needs (3 forget rows, ``retain`` retain rows, disjoint), from
+    mini-TOFU and the real reference rows."""
     mini = mini_tofu_splits(0)
     out = {name: mini[name][:3] for name in ("forget10", "forget10_perturbed", "retain_perturbed")}
-    out |= {"retain90": mini["retain90"][:4], "full": mini["retain90"][:4] + mini["forget10"][:3]}
+    out |= {"retain90": mini["retain90"][:retain], "full": mini["retain90"][:retain] + mini["forget10"][:3]}
     out |= {name: reference_rows(name)[:3] for name in ("real_authors_perturbed", "world_facts_perturbed")}
     return out
 
