@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny tokenizer and tiny random Llama models (seconds to build, CPU)."""
 
 import hashlib
+import json
 import os
+import sys
 from pathlib import Path
 
 # Tests are hermetic: nothing reaches a model or dataset hub (without this, `datasets` can stall on a network
@@ -10,9 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from kfade.data.mini_tofu import REFERENCE_DIR, mini_tofu_splits  # noqa: E402
 from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))  # the Hydra app's modules (run, dry_run, schema …)
 
 CORPUS = [
     "Question: Where was Alia Verne born?\nAnswer: Alia Verne was born in Port Lumen.",
@@ -46,3 +55,36 @@ def file_digests(*roots: Path) -> dict[str, str]:
     """SHA-256 of every file under ``roots`` (to show that a run left its inputs untouched)."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines (parent directories created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def reference_rows(name: str) -> list[dict]:
+    """The committed real TOFU rows of split ``name``, parsed line by line with ``json`` (independent of the loader)."""
+    return [json.loads(line) for line in (REFERENCE_DIR / f"{name}.json").read_text().splitlines()]
+
+
+def small_tofu_splits(retain: int = 4) -> dict[str, list[dict]]:
+    """A few rows of every TOFU config forget10 needs (3 forget rows, ``retain`` retain rows, disjoint), from
+    mini-TOFU and the real reference rows."""
+    mini = mini_tofu_splits(0)
+    out = {name: mini[name][:3] for name in ("forget10", "forget10_perturbed", "retain_perturbed")}
+    out |= {"retain90": mini["retain90"][:retain], "full": mini["retain90"][:retain] + mini["forget10"][:3]}
+    out |= {name: reference_rows(name)[:3] for name in ("real_authors_perturbed", "world_facts_perturbed")}
+    return out
+
+
+def run_experiment(run_dir: Path, *overrides: str) -> dict:
+    """``experiments/run.py overrides…`` in this process: composed from conf/ as Hydra does, run into ``run_dir``."""
+    import run as entry  # experiments/run.py (imported on first use: it loads the whole pipeline)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # as in a real run: the job's config has no hydra node
+        return entry.run(cfg, run_dir)

@@ -4,6 +4,7 @@ import json
 
 import datasets
 import pytest
+from conftest import reference_rows, small_tofu_splits, write_jsonl
 
 from kfade.data import tofu
 from kfade.data.files import resolve_source
@@ -15,24 +16,10 @@ CONFIGS = ("forget10", "retain90", "forget10_perturbed", "retain_perturbed", "re
            "world_facts_perturbed", "full")
 
 
-def reference_rows(name):
-    """The committed real rows, parsed line by line with ``json`` (independent of the loader)."""
-    return [json.loads(line) for line in (REFERENCE_DIR / f"{name}.json").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def small_splits():
     """A few rows of every config (forget10 and retain90 disjoint), as the loader should return them."""
-    mini = mini_tofu_splits(0)
-    out = {name: mini[name][:3] for name in ("forget10", "forget10_perturbed", "retain_perturbed")}
-    out |= {"retain90": mini["retain90"][:4], "full": mini["retain90"][:4] + mini["forget10"][:3]}
-    out |= {name: reference_rows(name)[:3] for name in ("real_authors_perturbed", "world_facts_perturbed")}
-    return out
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return small_tofu_splits()
 
 
 def write_parquet(path, rows):

@@ -1,21 +1,17 @@
 """WMDP loader on the real local layout and mini-WMDP (determinism, cloze-scorable MCQ); bad inputs."""
 
 import hashlib
-import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 from kfade.data.mini_wmdp import DOMAINS, mini_wmdp_files, write_mini_wmdp
 from kfade.data.wmdp import load_wmdp
 from kfade.errors import ConfigError
 
 MCQ_ROW = {"question": "Which is a vowel?", "choices": ["b", "a", "c", "d"], "answer": 1}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 @pytest.fixture

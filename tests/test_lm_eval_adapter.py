@@ -1,11 +1,9 @@
 """lm-eval adapter: accuracies equal a hand computation of each choice's log-likelihood under the model."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_llama
+from conftest import CORPUS, make_tiny_llama, write_jsonl
 from scipy import stats
 
 import kfade.eval.lm_eval_adapter as adapter
@@ -39,10 +37,6 @@ def sharp_llama(tokenizer, seed: int, **overrides):
     torch.manual_seed(seed)
     torch.nn.init.normal_(model.lm_head.weight, std=1.0)
     return model
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:

@@ -6,17 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import file_digests
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+import run as entry  # experiments/run.py (conftest puts experiments/ on sys.path)
+from conftest import ROOT, file_digests, run_experiment
 
 from kfade.data.general_text import GeneralText
 from kfade.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import run as entry  # noqa: E402
 
 # A model small and briefly trained enough for seconds-long runs; only the plumbing is under test here.
 FAST = ["model.spec.hidden_size=32", "model.spec.intermediate_size=64", "model.spec.num_hidden_layers=1",
@@ -33,12 +27,7 @@ def cache(tmp_path_factory):
 
 
 def run_in_process(run_dir: Path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*FAST, *overrides], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]  # as in a real run: the job's config has no hydra node
-        return entry.run(cfg, run_dir)
+    return run_experiment(run_dir, *FAST, *overrides)
 
 
 def test_baseline_run_scores_reference_and_retrain_and_caches_them(cache, tmp_path):
