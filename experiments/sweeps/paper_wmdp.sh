@@ -2,8 +2,8 @@
 # Paper table, WMDP: bio and cyber × {K-FADE direct, K-FADE CG, RMU, GA} on MODEL (zephyr | llama3_8b), scored
 # with lm-eval wmdp_bio, wmdp_cyber, mmlu, then the table (experiments/report.py --paper wmdp → paper.md).
 #   experiments/sweeps/paper_wmdp.sh MODEL WMDP_DIR [SWEEP_DIR] [extra Hydra overrides…]
-# WMDP_DIR: bio_remove_dataset.jsonl (gated), cyber-forget-corpus.jsonl, wikitext.jsonl (kfade/data/wmdp.py);
-# add eval.lm_eval_data_dir=DIR to score from local question files instead of the Hub's cais/wmdp, cais/mmlu.
+# WMDP_DIR: bio_remove_dataset.jsonl (gated), cyber-forget-corpus.jsonl, wikitext.jsonl (kfade/data/wmdp.py) and
+# the question files wmdp_bio.jsonl, wmdp_cyber.jsonl, mmlu.jsonl (or eval.lm_eval_data_dir=DIR for another dir).
 # Per corpus: K-FADE (EK-FAC fitted on wikitext, δ = 1e-8 absolute, one step) direct and CG at η ∈ {2.5e-3,
 # 5e-3, 1.1e-2}; RMU at its Zephyr defaults; GA one epoch at lr 1e-5: 8 jobs per corpus, 16 in all.
 set -euo pipefail
