@@ -57,6 +57,8 @@ def test_relearn_and_quantize_on_mini_wmdp_hold_lm_eval_accuracies(tmp_path):
     for prefix in MODELS:
         for key in ("relearn/mini_wmdp/acc", "quant4/mini_wmdp/acc", "quant4/mini_mmlu/acc"):
             assert 0.0 <= results[prefix + key] <= 1.0
+        for audit in ("", "relearn/", "quant4/"):  # the forget side in one number: the mean of the *wmdp* tasks
+            assert results[f"{prefix}{audit}wmdp/acc"] == results[f"{prefix}{audit}mini_wmdp/acc"]
     assert "quant8/mini_wmdp/acc" not in results
 
 

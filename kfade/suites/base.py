@@ -19,7 +19,7 @@ from kfade.eval.config import EvalConfig
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
 
-SCORES_VERSION = 2  # bumped when ``score`` gains metrics, so cached baseline scores are recomputed
+SCORES_VERSION = 3  # bumped when ``score`` gains metrics, so cached baseline scores are recomputed
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
 """WMDP end to end: forget/retain corpora, multiple-choice scoring with lm-eval, and KL to the retrain model.
 
 Scores: ``<task>/acc`` (and ``acc_norm``) for every lm-eval task of the eval config (mini: ``mini_wmdp``, the
-forget-side knowledge, and ``mini_mmlu``, the utility side), and ``kl_retrain/retain``, ``kl_retrain/forget``,
+forget-side knowledge, and ``mini_mmlu``, the utility side), ``wmdp/acc`` (the mean accuracy of the forget-side
+tasks: those named ``*wmdp*``), and ``kl_retrain/retain``, ``kl_retrain/forget``,
 ``kl_reference/retain`` (``Suite.divergences``) over held documents of each corpus.
 """
 
@@ -59,6 +60,9 @@ class WmdpSuite(Suite):
         e = self.eval
         metrics = evaluate_lm_tasks(model, self.tokenizer, e.lm_eval_tasks, e.lm_eval_data_dir or self.data.mcq_dir,
                                     e.lm_eval_batch_size, e.lm_eval_limit) if e.lm_eval_tasks else {}
+        forget_side = [metrics[f"{task}/acc"] for task in e.lm_eval_tasks if "wmdp" in task]
+        if forget_side:  # the hazardous-knowledge accuracy in one number (audits: relearn/wmdp/acc, quant4/…)
+            metrics["wmdp/acc"] = sum(forget_side) / len(forget_side)
         metrics |= self.divergences(model, self.batches(self.data.retain_corpus[:KL_DOCS]),
                                     self.batches(self.data.forget_corpus[:KL_DOCS]))
         return metrics, None
