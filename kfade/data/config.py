@@ -15,7 +15,7 @@ class DatasetConfig:
     fit_sets: list[str] | None = None  # curvature fitting sets; None: all the benchmark keeps (fit_set_names)
     fit_max_batches: int | None = None  # a budget: fitting batches kept, evenly spaced over the sets (None: all)
     general: str | None = None  # TOFU: a general-text corpus (python_docs) scored and fittable; None = none
-    general_fit_rows: int = 64  # TOFU: training paragraphs of the general corpus in the "general" fitting set
+    general_fit_rows: int = 256  # TOFU: training paragraphs of the general corpus in the "general" fitting set
     forget_corpora: list[str] | None = None  # WMDP: forget corpus file stems (None: the source's defaults)
     retain_corpora: list[str] | None = None  # WMDP: retain corpus file stems (None: the source's defaults)
     batch_size: int = 16  # sequences per batch for fitting, unlearning and scoring
