@@ -30,7 +30,7 @@ def test_min_k_is_minus_the_mean_of_the_lowest_k_fraction():
 def test_min_k_plus_plus_normalises_by_the_predictive_mean_and_std():
     item = stats([-1.0, -4.0, -2.0], mean=[-1.0, -2.0, -3.0], std=[0.5, 1.0, 2.0])  # z = 0, −2, 0.5
     scores = attack_scores([item], np.array([1.5]), ["The cat sat."], k=0.4)
-    assert scores["min_k++"][0] == pytest.approx(2.0)  # int(3 · 0.4) = 1 lowest z: −2
+    assert scores["min_k_pp"][0] == pytest.approx(2.0)  # int(3 · 0.4) = 1 lowest z: −2
     assert scores["min_k"][0] == pytest.approx(4.0)
     assert scores["loss"][0] == 1.5
     assert scores["zlib"][0] == pytest.approx(1.5 / 20)  # zlib.compress(b"The cat sat.") is 20 bytes

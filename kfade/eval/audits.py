@@ -29,7 +29,7 @@ from kfade.unlearn.delta import apply_delta
 
 AUDITS = ("relearn", "relearn_retain", "quantize", "mia", "extraction")
 HEADLINE_KEYS = ("relearn/recovery", "relearn_retain/recovery", "reapply/relearn+delta/recovery", "quant8/recovery",
-                 "quant4/recovery", "mia/min_k++/auc", "privleak", "forget/extraction_strength",
+                 "quant4/recovery", "mia/min_k_pp/auc", "privleak", "forget/extraction_strength",
                  "forget/exact_memorization")  # what a results table shows of the audits
 TOFU_ONLY = ("mia", "extraction")  # need QA rows and never-seen holdout authors
 PRIVLEAK_KEY = f"mia/{PRIVLEAK_ATTACK}/auc"

@@ -10,7 +10,7 @@ Scores over an item's answer tokens y_1..y_n given its question (``kfade.eval.sc
 - ``loss``: the mean token NLL ℓ (nats, the closing EOS included, as TOFU's ``avg_gt_loss``);
 - ``zlib`` (Carlini et al. 2021): ℓ / len(zlib.compress(answer as UTF-8)) (nats per compressed byte);
 - ``min_k`` (Min-K%, Shi et al. 2024): −mean of the ⌊k n⌋ (≥ 1) lowest log p(y_t) (EOS excluded);
-- ``min_k++`` (Min-K%++, Zhang et al. 2025): the same over (log p(y_t) − μ_t) / σ_t, μ_t and σ_t the mean and
+- ``min_k_pp`` (Min-K%++, Zhang et al. 2025): the same over (log p(y_t) − μ_t) / σ_t, μ_t and σ_t the mean and
   standard deviation of log p(z) under z ~ p(·|question, y_<t).
 
 ``privleak`` (MUSE) = (AUC_model − AUC_retrain) / AUC_retrain × 100 with Min-K%++: near 0 is good, positive = the
@@ -28,8 +28,8 @@ from scipy.stats import mannwhitneyu
 
 from kfade.eval.scoring import TokenStats
 
-ATTACKS = ("loss", "zlib", "min_k", "min_k++")
-PRIVLEAK_ATTACK = "min_k++"
+ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+PRIVLEAK_ATTACK = "min_k_pp"
 
 
 def min_k_score(values: np.ndarray, k: float) -> float:
@@ -50,7 +50,7 @@ def attack_scores(stats: Sequence[TokenStats], mean_nll: np.ndarray, answers: Se
         "loss": np.asarray(mean_nll, dtype=np.float64),
         "zlib": np.array([zlib_score(loss, text) for loss, text in zip(mean_nll, answers, strict=True)]),
         "min_k": np.array([min_k_score(s.logprob, k) for s in stats]),
-        "min_k++": np.array([min_k_score((s.logprob - s.mean) / s.std, k) for s in stats]),
+        "min_k_pp": np.array([min_k_score((s.logprob - s.mean) / s.std, k) for s in stats]),
     }
 
 
