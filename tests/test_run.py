@@ -93,6 +93,7 @@ def test_bad_input_is_a_config_error_naming_the_key(cache, tmp_path, override, k
     assert str(err.value).startswith(key)
 
 
+@pytest.mark.slow  # a CLI process (~10 s); the one-line CLI path runs in test_bad_inputs
 def test_cli_prints_one_line_and_exits_2_on_bad_input(cache, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *FAST, "method=none",
                            "model.path=/no/such/model", f"hydra.run.dir={tmp_path}"],

@@ -44,6 +44,7 @@ def job_dirs(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_dir() and ".hydra" not in p.parts]
 
 
+@pytest.mark.slow  # two CLI processes (~16 s): the run dir naming is unit-tested above
 def test_run_and_multirun_directories_are_one_level_deep(tmp_path):
     """Path-valued overrides (and a secret) on the command line: one folder per run under outputs/<date>/ and
     per job under the sweep dir, none named after the path or the secret. (The runs stop at the missing source.)"""
@@ -63,6 +64,7 @@ def test_run_and_multirun_directories_are_one_level_deep(tmp_path):
     assert [p.relative_to(sweep_dir) for p in job_dirs(sweep_dir)] == [Path("none-0")]
 
 
+@pytest.mark.slow  # a CLI process (~9 s); the one-line CLI path: test_bad_inputs, the device check: in-process
 def test_cuda_on_a_machine_without_it_is_one_line_and_exit_2(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
