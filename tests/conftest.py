@@ -46,6 +46,15 @@ def make_tiny_llama(tokenizer, seed: int = 0, dtype=torch.float32, **overrides) 
     return LlamaForCausalLM(tiny_llama_config(tokenizer, spec)).to(dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A model/data cache of the test module's own (``KFADE_CACHE``): runs in one module share trained models."""
+    path = tmp_path_factory.mktemp("kfade-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KFADE_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_llama(tokenizer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 from hydra import compose, initialize_config_dir
-from test_run import ROOT, cache, run_in_process  # noqa: F401  (cache: the module's own model cache)
+from test_run import ROOT, run_in_process
 
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.eval.matched import columns_of, matched_rows

@@ -39,14 +39,6 @@ WMDP_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kfade-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KFADE_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def local(tmp_path_factory, cache):
     """``local(experiment)``: the path overrides of that paper config (its tiny models and data), built once."""
     root, built = tmp_path_factory.mktemp("paper"), {}

@@ -18,14 +18,6 @@ FAST = ["model.spec.hidden_size=32", "model.spec.intermediate_size=64", "model.s
         "model.vocab_size=400", "eval.max_new_tokens=4", "logger=none", "progress=false"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kfade-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KFADE_CACHE", str(path))
-        yield path
-
-
 def run_in_process(run_dir: Path, *overrides: str) -> dict:
     return run_experiment(run_dir, *FAST, *overrides)
 
