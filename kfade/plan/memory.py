@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from kfade.curvature.owners import stored_elements
 from kfade.plan.architecture import Architecture
 from kfade.plan.config import Placement
 
@@ -111,14 +112,10 @@ def layer_rows(arch: Architecture, estimator: str, factor_bytes: int) -> list[di
     counted at its group's first layer), S, eigenvalues (K-FAC vectors, EK-FAC Λ*, diagonal D)."""
     rows = []
     for spec in arch.layers:
-        out, inp = spec.out_features, spec.in_features
-        owns_a = arch.groups[spec.name] == spec.name
-        kron = estimator in ("kfac", "ekfac")
-        eig = {"kfac": out + (inp if owns_a else 0), "ekfac": out * inp, "diagonal": out * inp}.get(estimator, 0)
-        rows.append({"name": spec.name, "out": out, "in": inp, "group": arch.groups[spec.name],
-                     "A": factor_bytes * inp * inp if kron and owns_a else 0,
-                     "S": factor_bytes * out * out if kron else 0, "eig": factor_bytes * eig,
-                     "params": out * inp})
+        n = stored_elements(spec, estimator, arch.groups[spec.name] == spec.name)
+        rows.append({"name": spec.name, "out": spec.out_features, "in": spec.in_features,
+                     "group": arch.groups[spec.name], **{k: factor_bytes * v for k, v in n.items()},
+                     "params": spec.out_features * spec.in_features})
     return rows
 
 
