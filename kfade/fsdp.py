@@ -17,6 +17,7 @@ passes that contribute nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Sequence
 
@@ -50,7 +51,21 @@ def shard_model(model: nn.Module) -> nn.Module:
             for block in module:
                 fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)  # the root too: between passes every
-    return model  # parameter is its shard (else named_parameters() would give the root's unsharded copies)
+    for module in model.modules():  # parameter is its shard (else named_parameters() gives the root's copies)
+        if isinstance(module, FSDPModule):  # plain sums, then scaling (gloo has no NCCL PREMUL_SUM)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+@torch.no_grad()
+def gathered_copy(sharded: nn.Module, like: nn.Module) -> nn.Module:
+    """A deep copy of the unsharded ``like`` holding the whole weights of the FSDP model ``sharded`` (each
+    parameter all-gathered in turn)."""
+    model = copy.deepcopy(like)
+    params = dict(sharded.named_parameters())
+    for name, p in model.named_parameters():
+        p.copy_(full(params[name].detach()))
+    return model
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
