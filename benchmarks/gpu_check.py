@@ -10,7 +10,9 @@ Prints, measured in one run:
 - the bf16-vs-fp32 relative error of the factors: the fp32 eigenvectors vs the same cast to bf16 after the fp64
   eigh (what ``curvature.factor_dtype=bfloat16`` stores), and of the direct step's direction computed from them;
 - one CG solve with the PCG vectors in fp32, bf16 (``method.cg_dtype``) and host memory (``method.cg_offload``):
-  time, peak accelerator memory of the solve, and the direction's error against fp32.
+  time, peak accelerator memory of the solve, and the direction's error against fp32;
+- with more than one GPU, the FSDP check (``gpu_check_fsdp.py`` on every GPU: sharded fit, product and steps);
+  on one GPU a line says it is skipped.
 
     python benchmarks/gpu_check.py            # the ~1B model (22 layers, hidden 2048, MLP 5632, 32k vocab) on CUDA
     python benchmarks/gpu_check.py --tiny     # seconds on a CPU: the same code paths on a 2-layer model
@@ -21,8 +23,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -154,7 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bf16 factors vs fp32: eigenvectors max relative error {vec_err:.2e}; direct direction relative "
           f"error {dir_err:.2e}")
     cg_vector_variants(model, curv, cfg, grads, data, args, device)
-    return 0
+    return fsdp_check(args.tiny, device)
+
+
+def fsdp_check(tiny: bool, device: str) -> int:
+    """``gpu_check_fsdp.py`` under torchrun on every GPU (``--tiny``: two gloo processes on the CPU); skipped, with
+    a line saying so, on a single GPU."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    if device.startswith("cuda") and gpus < 2:
+        print(f"FSDP: skipped ({gpus} GPU here; it needs ≥ 2: distributed.strategy=fsdp shards over the GPUs)")
+        return 0
+    procs = gpus if gpus >= 2 else 2
+    script = Path(__file__).with_name("gpu_check_fsdp.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               str(script)] + (["--tiny"] if tiny else [])
+    return subprocess.run(command, check=False).returncode
 
 
 def cg_vector_variants(model, curv: Curvature, cfg: CurvatureConfig, grads, data: UnlearnData, args,

@@ -21,6 +21,7 @@ from schema import ModelConfig, typed
 from transformers import LlamaConfig
 
 from kfade.curvature import CurvatureConfig
+from kfade.distributed import DistributedConfig
 from kfade.plan import (
     GB,
     Architecture,
@@ -85,7 +86,8 @@ def budgets(memory: MemoryConfig, device: str) -> tuple[float | None, float, str
     return gpu, cpu, f"gpu {src}, cpu {'memory.cpu_gb' if memory.cpu_gb is not None else 'this machine'}"
 
 
-def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Architecture) -> Workload:
+def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Architecture,
+             parallel: DistributedConfig | None = None) -> Workload:
     """What the run holds (experiments/run.py and the suites): the reference, the retrain model(s) when loaded as
     models, the method's copy and frozen reference; the pre-step copy of the weights in host memory."""
     name = cfg.method.name
@@ -108,7 +110,9 @@ def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Arc
                     model_dtype=model.dtype, device=device, batch_size=int(cfg.dataset.batch_size),
                     max_length=int(cfg.dataset.max_length), mc_samples=int(cfg.curvature.get("mc_samples", 1)),
                     weight_copies=tuple(copies), trained_params=trained,
-                    host_weight_copies=("pre-step copy (run.py)",) if name != "none" else ())
+                    host_weight_copies=("pre-step copy (run.py)",) if name != "none" else (),
+                    world_size=parallel.planned_world() if parallel else 1,
+                    strategy=parallel.strategy if parallel else "replicate")
 
 
 def plan_run(cfg: DictConfig, method=None) -> dict:
@@ -119,8 +123,12 @@ def plan_run(cfg: DictConfig, method=None) -> dict:
     arch, source = model_architecture(model, cfg.curvature.modules)
     if not arch.shared_inputs_found:
         notes.append("shared inputs could not be traced: every layer's A factor is counted")
-    work = workload(cfg, model, device, method, arch)
+    parallel = typed(cfg.get("distributed", {}), DistributedConfig, "distributed")
+    work = workload(cfg, model, device, method, arch, parallel)
     gpu, cpu, budget_source = budgets(memory, device)
+    if work.world_size > 1:  # the ranks of one node share its host memory
+        cpu /= work.world_size
+        budget_source += f"; host memory / {work.world_size} ranks"
     placement, plan, fits = resolve_placement(
         arch, work, memory, factor_dtype=cfg.curvature.get("factor_dtype", "float32"), device_budget=gpu,
         cpu_budget=cpu, checkpoint_every=cfg.curvature.get("checkpoint_every"))
@@ -207,6 +215,16 @@ def print_plan(cfg: DictConfig, method=None) -> dict:
         print(f"fits the cpu budget; the {work.device} budget is unknown (taken as unbounded: set memory.gpu_gb)")
     else:
         print("fits the budget")
+    if work.world_size > 1:
+        print(f"per rank: {work.world_size} ranks, distributed.strategy={work.strategy}" + (
+            "; the unlearned copy, its gradient/direction/CG vectors and the factors are sharded" if work.shards > 1
+            else "; every rank holds the whole model and every factor"))
+        whole = [i for i in plan.items if "whole on every rank" in i.name]
+        if whole:
+            rest = max(plan.total("device", ph) - sum(i.nbytes for i in whole if ph in i.phases) for ph in PHASES)
+            names = ", ".join(i.name.split(":")[1].split("(")[0].strip() for i in whole)
+            print(f"without the copies held whole on every rank ({names}; run.py evaluates unsharded models): "
+                  f"{_gb(rest)} GB on {work.device} per rank")
     print(f"total peak: {_gb(plan.peak('device'))} GB on {work.device}, {_gb(plan.peak('cpu'))} GB on cpu")
     return info
 

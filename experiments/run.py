@@ -27,10 +27,11 @@ from ranks import rank_overrides, start
 from run_names import run_name
 from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, RunOptions, typed
 
-from kfade import distributed
+from kfade import distributed, fsdp
 from kfade.cache import cache_dir
 from kfade.curvature import CurvatureConfig, model_fingerprint
 from kfade.data.formatting import pad_id
+from kfade.distributed import DistributedConfig
 from kfade.errors import ConfigError
 from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
 from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
@@ -113,6 +114,7 @@ def validated(cfg: DictConfig) -> Checked:
     method = None if method_name == "none" else configured_method(cfg, options.progress)
     if options.dry_run:  # the plan reads the model's config only: no device, path or data checks
         return Checked(model_cfg, dataset_cfg, eval_cfg, logger_cfg, options, method, [])
+    typed(cfg.distributed, DistributedConfig, "distributed").check_launch()  # torchrun as configured
     model_cfg, notices = check_run(model_cfg, dataset_cfg, eval_cfg)  # devices, paths, names, lm-eval tasks
     return Checked(model_cfg, dataset_cfg, eval_cfg, logger_cfg, options, method, notices)
 
@@ -174,9 +176,14 @@ def unlearn(cfg: DictConfig, method, suite, run_dir: Path, tracker, baseline: di
     if getattr(method, "uses_curvature", False):  # the factors' placement (offload, layer groups) from the plan
         method.curvature_cfg = planned_curvature(cfg, method)
     before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # host: frees the device
+    sharded = cfg.distributed.strategy == "fsdp"
+    if sharded:  # the method runs on the FSDP-sharded copy; scoring below on its gathered weights
+        fsdp.shard_model(model)
     t0 = time.perf_counter()
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
+    if sharded:
+        model = fsdp.gathered_copy(model, suite.reference)
     timings = getattr(method, "timings", {})
     if "skipped" in history[-1]:
         print(f"note: {cfg.method.name} took no step: {history[-1]['skipped']}", flush=True)
@@ -228,7 +235,7 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return None if cfg.dry_run else objective_from_run(run_dir, objective)
+    return None if cfg.dry_run or not distributed.is_main() else objective_from_run(run_dir, objective)
 
 
 if __name__ == "__main__":

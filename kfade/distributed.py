@@ -2,8 +2,10 @@
 
 Without an initialised process group every helper is the single-process identity (rank 0 of 1). Under torchrun
 (``WORLD_SIZE`` > 1) ``init_from_env`` starts the group: NCCL when CUDA is available (one device per local rank),
-gloo on CPU. Each rank takes its shard ``items[rank::world]`` of the fitting / product batches; sums are
-all-reduced, so every rank ends with the same result; only rank 0 writes files.
+gloo on CPU. Each rank takes its shard ``items[rank::world]`` of the fitting / product batches. With
+``strategy=replicate`` every rank holds the whole model and every factor: sums are all-reduced, so every rank
+ends with the same result, and only rank 0 writes files. With ``strategy=fsdp`` the model is sharded by
+``fully_shard`` (``kfade.fsdp``) and each rank owns the factors of some layers (``kfade.curvature.sharded``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,45 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from kfade.errors import ConfigError, require_one_of
+
+STRATEGIES = ("replicate", "fsdp")
+
+
+@dataclass
+class DistributedConfig:
+    """``distributed.*``: how torchrun's processes share the work (one process: nothing to share)."""
+
+    strategy: str = "replicate"  # replicate (whole model and factors on every rank) | fsdp (sharded: kfade.fsdp)
+    world_size: int | None = None  # processes: null = torchrun's WORLD_SIZE; a dry run plans for this many
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        require_one_of("distributed.strategy", self.strategy, STRATEGIES)
+        if self.world_size is not None and int(self.world_size) < 1:
+            raise ConfigError("distributed.world_size", self.world_size, "must be >= 1 or null (torchrun's)")
+
+    def planned_world(self) -> int:
+        """The world size a plan is for: ``world_size``, else torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+        return int(self.world_size) if self.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+    def check_launch(self) -> None:
+        """ConfigError unless this process was launched as configured (called before any work, not for plans)."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size is not None and int(self.world_size) != launched:
+            raise ConfigError("distributed.world_size", self.world_size, f"but torchrun started {launched} "
+                              "process(es) (WORLD_SIZE); set it to that, or null")
+        if self.strategy == "fsdp" and launched < 2:
+            raise ConfigError("distributed.strategy", self.strategy, "needs torchrun with ≥ 2 processes, e.g. "
+                              "torchrun --nproc_per_node=8 experiments/run.py … (WORLD_SIZE is 1 here); plan it "
+                              "with dry_run=true distributed.world_size=N")
 
 
 def is_initialized() -> bool:
@@ -72,12 +110,25 @@ def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
             dist.all_reduce(t)
 
 
+def collective_device() -> str:
+    """Where tensors for this backend's collectives live: ``cuda`` under NCCL, else ``cpu``."""
+    return "cuda" if is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+
+def maximum(value: int) -> int:
+    """The largest ``value`` passed by any rank."""
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def agree(value: int) -> int:
     """``value`` if every rank passes the same one, else −1 (e.g. ranks resuming from different checkpoints)."""
     if not is_initialized():
         return value
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    low = torch.tensor([value], device=device)
+    low = torch.tensor([value], device=collective_device())
     high = low.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kfade import fsdp
 from kfade.curvature.config import CurvatureConfig
 from kfade.curvature.fisher import IGNORE_INDEX, label_positions, signals
 from kfade.curvature.layers import LayerSpec
@@ -43,6 +44,7 @@ class LayerCapture:
         self._inputs: dict[tuple[int, bool], tuple[str, torch.Tensor]] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._layer_group: dict[str, str] = {}
+        self._sharded = fsdp.is_sharded(model)  # one backward per signal: as many on every rank (FSDP)
 
     def __enter__(self) -> LayerCapture:
         modules = dict(self.model.named_modules())
@@ -123,7 +125,7 @@ class LayerCapture:
                              self._output_grads(z, sig, specs, outputs, fed_f))
 
     def _output_grads(self, z, sig, specs, outputs, fed_f) -> Iterator[dict[str, torch.Tensor]]:
-        chunk = max(1, SIGNAL_CHUNK_ELEMENTS // max(1, sig[0].numel()))
+        chunk = 1 if self._sharded else max(1, SIGNAL_CHUNK_ELEMENTS // max(1, sig[0].numel()))
         for start in range(0, len(sig), chunk):
             part = sig[start : start + chunk]
             last = start + chunk >= len(sig)

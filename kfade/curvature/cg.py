@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch.distributed.tensor import DTensor
 
+from kfade import fsdp
 from kfade.cache import atomic_path
 
 Vector = dict[str, torch.Tensor]
@@ -35,8 +37,11 @@ Operator = Callable[[Vector], Vector]
 
 
 def dot(a: Vector, b: Vector) -> float:
-    """⟨a, b⟩ summed over every tensor, in fp64 (on a's device)."""
-    return sum(float(torch.vdot(a[n].double().flatten(), b[n].to(a[n].device).double().flatten())) for n in a)
+    """⟨a, b⟩ summed over every tensor, in fp64 (on a's device); FSDP shards (``DTensor``) are summed locally, then
+    over the ranks."""
+    total = sum(float(torch.vdot(fsdp.local(a[n]).double().flatten(),
+                                 fsdp.local(b[n]).to(fsdp.local(a[n]).device).double().flatten())) for n in a)
+    return fsdp.sum_over_ranks([total])[0] if any(isinstance(t, DTensor) for t in a.values()) else total
 
 
 def axpy(alpha: float, x: Vector, y: Vector) -> Vector:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,6 +70,10 @@ class Curvature:
             total = sum(float(self.eigenvalues(spec).double().sum()) for spec in self.layers)
             self._mean_eigenvalue = total / sum(spec.out_features * spec.in_features for spec in self.layers)
         return self._mean_eigenvalue
+
+    def zero_eigenvalues(self) -> int:
+        """Entries of Λ at the ≥ 0 clamp, over every covered layer."""
+        return sum(int((self.eigenvalues(spec) == 0).sum()) for spec in self.layers)
 
     def precondition(self, grads: dict[str, torch.Tensor], damping: float | None = None,
                      damping_mode: str | None = None, shift: float = 0.0) -> dict[str, torch.Tensor]:
@@ -147,8 +151,9 @@ class Curvature:
             self._compute = torch.promote_types(stored, torch.float32)
         return self._compute
 
-    def manifest(self, checksums: dict[str, str] | None = None) -> dict:
-        """The JSON-serialisable description stored beside the tensors (``files``: SHA-256 per layer file)."""
+    def manifest(self, checksums: dict[str, str] | None = None, shapes: dict[str, list[int]] | None = None) -> dict:
+        """The JSON-serialisable description stored beside the tensors (``files``: SHA-256 per layer file;
+        ``shapes``: of every tensor, when ``tensors`` holds only some of them)."""
         return {
             "format_version": FORMAT_VERSION,
             "config": asdict(self.config),
@@ -157,34 +162,49 @@ class Curvature:
             "n_tokens": self.n_tokens,
             "n_positions": self.n_positions,
             "layers": [{**asdict(spec), "group": self.groups.get(spec.name)} for spec in self.layers],
-            "tensors": (self.tensors.shapes() if isinstance(self.tensors, FactorStore)
-                        else {key: list(t.shape) for key, t in self.tensors.items()}),
+            "tensors": shapes if shapes is not None else self.shapes(),
             "files": checksums or {},
         }
+
+    def shapes(self) -> dict[str, list[int]]:
+        """key → shape of every tensor held (without reading offloaded ones)."""
+        if isinstance(self.tensors, FactorStore):
+            return self.tensors.shapes()
+        return {key: list(t.shape) for key, t in self.tensors.items()}
 
     def save(self, path: str | Path) -> None:
         """Write the directory ``path`` atomically: ``<layer>.safetensors`` per layer (written one layer at a time)
         and ``manifest.json`` with each file's SHA-256. A disk-offloaded curvature then reads from ``path``."""
         path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            checksums = self.write_layers(tmp)
+            write_manifest(tmp, self.manifest(checksums))
+        self.reopen(path)
+
+    def write_layers(self, directory: Path) -> dict[str, str]:
+        """``<layer>.safetensors`` for every layer holding tensors here; returns layer → SHA-256 of its file."""
         store = self.tensors if isinstance(self.tensors, FactorStore) else None
         layers = store.layers() if store else list(dict.fromkeys(layer_of(k) for k in self.tensors))
         checksums = {}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            for layer in layers:
-                tensors = store.layer_tensors(layer) if store else {k: t for k, t in self.tensors.items()
-                                                                    if layer_of(k) == layer}
-                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, layer_file(tmp, layer))
-                checksums[layer] = sha256_file(layer_file(tmp, layer))
-            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(checksums), indent=2, sort_keys=True) + "\n")
-        if store is not None and store.offload == "disk":
+        for layer in layers:
+            tensors = store.layer_tensors(layer) if store else {k: t for k, t in self.tensors.items()
+                                                                if layer_of(k) == layer}
+            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, layer_file(directory, layer))
+            checksums[layer] = sha256_file(layer_file(directory, layer))
+        return checksums
+
+    def reopen(self, path: Path) -> None:
+        """After a save, a disk-offloaded curvature reads from ``path``."""
+        if isinstance(self.tensors, FactorStore) and self.tensors.offload == "disk":
             self.tensors = FactorStore.open(path, {k: layer_of(k) for k in self.tensors})
 
     @classmethod
-    def load(cls, path: str | Path, offload: str = "none", device: torch.device | str = "cpu") -> Curvature:
+    def load(cls, path: str | Path, offload: str = "none", device: torch.device | str = "cpu",
+             select: Callable[[dict], set[str]] | None = None) -> Curvature:
         """Read a directory written by ``save`` into a store at ``offload`` (``none``: on ``device``). Every file's
         checksum, shapes and finiteness are checked first; a missing, truncated, tampered or inconsistent file
-        raises ConfigError."""
+        raises ConfigError. ``select(manifest)``: the layer files to read (default: all of them)."""
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text())
@@ -193,11 +213,13 @@ class Curvature:
             owners = {key: layer_of(key) for key in manifest["tensors"]}
             if set(owners.values()) != set(manifest["files"]):
                 raise ValueError("the files do not match the manifest")
-            for layer, checksum in manifest["files"].items():
-                if sha256_file(layer_file(path, layer)) != checksum:
+            wanted = set(manifest["files"]) if select is None else select(manifest)
+            owners = {key: layer for key, layer in owners.items() if layer in wanted}
+            for layer in sorted(wanted):
+                if sha256_file(layer_file(path, layer)) != manifest["files"][layer]:
                     raise ValueError(f"checksum mismatch in {layer}.safetensors (truncated or modified)")
             store = FactorStore.open(path, owners)
-            if store.shapes() != manifest["tensors"]:
+            if store.shapes() != {key: manifest["tensors"][key] for key in owners}:
                 raise ValueError("tensors do not match the manifest")
             if offload != "disk":
                 store = store.moved(offload, device)
@@ -209,3 +231,7 @@ class Curvature:
                        manifest["n_positions"], manifest["model_fingerprint"], manifest["data_fingerprint"])
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise ConfigError("curvature.path", str(path), f"unreadable curvature file ({e})") from None
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,7 @@
-"""Factor sums over the data (one pass each), their all-reduce across ranks, and the eigendecompositions.
+"""Factor sums over the data (one pass each), their reduction across ranks, and the eigendecompositions.
 
-Sums stay unnormalised until every rank's contribution is in (one all-reduce per tensor), then:
+Sums stay unnormalised until every rank's contribution is in (one all-reduce per tensor, or with layer owners one
+``dist.reduce`` to the layer's owner, the other ranks dropping it), then:
 A = Σ ā āᵀ / N_pos,  S = Σ_k Σ_s g gᵀ / (N_tok·K),  Λ* (EK-FAC) or D (diagonal) = Σ_k (projected G_k)² / (N_tok·K),
 with K the signals per token (``fisher.signals_per_token``) and G_k = Σ_s g_s ā_sᵀ one signal's per-sequence
 gradient of W̄ — the same normalisation for every estimator.
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from kfade import distributed
 from kfade.curvature.capture import CapturedBatch
 from kfade.errors import ConfigError
 
@@ -39,21 +41,29 @@ class Sums:
         self.n_tokens += batch.n_tokens
         self.n_positions += batch.n_positions
 
-    def all_reduce(self) -> None:
-        """Sum every tensor and count over the process group (a no-op without torch.distributed)."""
+    def reduce(self, owners: dict[str, int] | None = None) -> None:
+        """Sum every tensor and count over the process group (a no-op without torch.distributed): onto every rank,
+        or with ``owners`` (layer → rank) only onto the owner of each tensor's layer (``A/<group>``: the group's
+        first layer), which alone keeps it. Counts reach every rank."""
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for value in self.tensors.values():
-            dist.all_reduce(value)
-        device = next(iter(self.tensors.values())).device
-        counts = torch.tensor([self.n_tokens, self.n_positions], dtype=torch.float64, device=device)
+        for key in list(self.tensors):
+            if owners is None:
+                dist.all_reduce(self.tensors[key])
+                continue
+            owner = owners[key.split("/")[1] if "/" in key else key]
+            dist.reduce(self.tensors[key], dst=owner)
+            if owner != dist.get_rank():
+                del self.tensors[key]
+        counts = torch.tensor([self.n_tokens, self.n_positions], dtype=torch.float64,
+                              device=distributed.collective_device())
         dist.all_reduce(counts)
         self.n_tokens, self.n_positions = (int(c) for c in counts.tolist())
 
 
 def covariance_pass(batches: Iterable[CapturedBatch], sums: Sums | None = None) -> Sums:
     """K-FAC sums: ``A/<group>`` = Σ ā āᵀ over fed positions, ``S/<layer>`` = Σ_signals Σ_s g gᵀ (added to
-    ``sums``, e.g. those of a checkpoint)."""
+    ``sums``, e.g. those of a checkpoint; not yet reduced across ranks)."""
     sums = Sums() if sums is None else sums
     for batch in batches:
         sums.count(batch)
@@ -64,14 +74,14 @@ def covariance_pass(batches: Iterable[CapturedBatch], sums: Sums | None = None) 
             for layer, g in grads.items():
                 flat = g.flatten(0, -2)
                 sums.add(f"S/{layer}", flat.T @ flat)
-    sums.all_reduce()
     return sums
 
 
 def squared_gradient_pass(batches: Iterable[CapturedBatch], bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
                           sums: Sums | None = None) -> Sums:
     """Σ over signals and sequences of (Q_Sᵀ G_k Q_A)² per layer (``bases[layer] = (Q_S, Q_A)``), or of G_k²
-    when ``bases`` is None, added to ``sums``. Per-sequence gradients are formed batched (einsum)."""
+    when ``bases`` is None, added to ``sums`` (not yet reduced across ranks). Per-sequence gradients are formed
+    batched (einsum)."""
     sums = Sums() if sums is None else sums
     for batch in batches:
         sums.count(batch)
@@ -84,7 +94,6 @@ def squared_gradient_pass(batches: Iterable[CapturedBatch], bases: dict[str, tup
             for layer, g in grads.items():
                 g = g if bases is None else g @ bases[layer][0]
                 sums.add(layer, _sum_squared_per_sample(g, acts[batch.groups[layer]]))
-    sums.all_reduce()
     return sums
 
 

@@ -7,6 +7,8 @@ import hashlib
 import torch
 from torch import nn
 
+from kfade import fsdp
+
 SAMPLES_PER_PARAM = 4096
 
 
@@ -17,7 +19,7 @@ def model_fingerprint(model: nn.Module, length: int = 16) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-            flat = p.detach().reshape(-1)
+            flat = fsdp.full(p.detach()).reshape(-1)  # an FSDP shard: the whole parameter, as in one process
             count = min(SAMPLES_PER_PARAM, flat.numel())  # integer spacing: fp32 linspace overshoots past 2^24
             index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
             digest.update(flat[index].double().cpu().numpy().tobytes())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kfade import distributed
+from kfade import distributed, fsdp
 from kfade.cache import fingerprint
 from kfade.curvature.capture import CapturedBatch, LayerCapture
 from kfade.curvature.checkpoint import FitCheckpoint, batch_digest, new_digest
@@ -30,6 +31,8 @@ from kfade.curvature.factors import FactorStore, layer_of
 from kfade.curvature.fingerprint import model_fingerprint
 from kfade.curvature.fisher import IGNORE_INDEX, label_positions, signals_per_token
 from kfade.curvature.layers import LayerSpec, select_layers
+from kfade.curvature.owners import assign_owners
+from kfade.curvature.sharded import ShardedCurvature
 from kfade.errors import ConfigError
 
 BatchDict = dict[str, torch.Tensor]
@@ -43,7 +46,10 @@ def fit_curvature(model: nn.Module, batches: Iterable[BatchDict], cfg: Curvature
 
     The model is used in its current train/eval mode (call ``model.eval()`` for deterministic factors; Hugging
     Face applies gradient checkpointing in train mode only). With a torch.distributed process group, each rank
-    fits on the batches it is given and the sums are all-reduced: the result is the fit on the union.
+    fits on the batches it is given and the sums are all-reduced: the result is the fit on the union. On an FSDP
+    model (``kfade.fsdp``) each sum is reduced to the rank owning its layer instead, which alone eigendecomposes
+    and keeps it: the result is a ``ShardedCurvature`` (the shorter shards of batches are padded with passes that
+    add nothing, so that every rank runs as many forward and backward passes).
     ``identity`` reads no data (Ĝ = I over the selected layers). ``workdir`` (default ``cfg.offload_dir``) holds
     the checkpoint and, while fitting with checkpoints or ``offload=disk``, the finished per-layer factor files;
     checkpointing needs one.
@@ -53,19 +59,23 @@ def fit_curvature(model: nn.Module, batches: Iterable[BatchDict], cfg: Curvature
     first = next(model.parameters())
     accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
     fingerprint_ = model_fingerprint(model)
+    sharded = distributed.world_size() > 1 and fsdp.is_sharded(model)
+    if sharded and cfg.fisher == "exact":
+        raise ConfigError("curvature.fisher", cfg.fisher, "not with distributed.strategy=fsdp: one backward per class "
+                          "and label position would differ between ranks; use mc or empirical")
+    kind = ShardedCurvature if sharded else Curvature
     if cfg.estimator == "identity":
-        return Curvature(cfg, layers, {}, {}, 0, 0, fingerprint_)
+        return kind(cfg, layers, {}, {}, 0, 0, fingerprint_)
     directory = workdir if workdir is not None else cfg.offload_dir
     if cfg.checkpoint_every is not None and directory is None:
         raise ConfigError("curvature.checkpoint_every", cfg.checkpoint_every,
                           "needs a directory: set curvature.offload_dir (load_or_fit uses its cache)")
     if directory is not None and distributed.world_size() > 1:
         directory = Path(directory) / f"rank{distributed.rank()}"
-    fit = _Fit(model, layers, cfg, accumulate, directory, fingerprint_)
+    fit = _Fit(model, layers, cfg, accumulate, directory, fingerprint_, sharded)
     with torch.enable_grad(), LayerCapture(model, layers, accumulate) as capture:
         fit.run(_Source(batches, cfg), capture, progress)
-    return Curvature(cfg, layers, dict(capture.groups), fit.result_store(), fit.n_tokens, fit.n_positions,
-                     fingerprint_)
+    return kind(cfg, layers, dict(capture.groups), fit.result_store(), fit.n_tokens, fit.n_positions, fingerprint_)
 
 
 def layer_groups(layers: list[LayerSpec], count: int) -> list[list[LayerSpec]]:
@@ -118,8 +128,8 @@ class _Fit:
     """The passes of one fit, their finished factors (``store``) and checkpoints."""
 
     def __init__(self, model: nn.Module, layers: list[LayerSpec], cfg: CurvatureConfig, accumulate: torch.dtype,
-                 directory: str | Path | None, model_fp: str):
-        self.model, self.layers, self.cfg, self.accumulate = model, layers, cfg, accumulate
+                 directory: str | Path | None, model_fp: str, sharded: bool = False):
+        self.model, self.layers, self.cfg, self.accumulate, self.sharded = model, layers, cfg, accumulate, sharded
         self.device = next(model.parameters()).device
         self.storage = torch.bfloat16 if cfg.factor_dtype == "bfloat16" else accumulate
         self.groups = layer_groups(layers, cfg.layer_groups)
@@ -154,6 +164,7 @@ class _Fit:
                                              sums)
             if not source.used:
                 raise ConfigError("batches", "[]", "no batches to fit the curvature on")
+            sums.reduce(self._owners(capture))
             self._finish(kind, sums)
             self._save(source, capture, p + 1, 0, Sums())
         if self.checkpoint is not None:
@@ -163,11 +174,26 @@ class _Fit:
         group, kind = self.passes[p]
         desc = DESCRIPTIONS[kind] + (f", layer group {group + 1}/{len(self.groups)}" if len(self.groups) > 1 else "")
         total = None if source.total is None else source.total - start
+        pads = 0
+        if self.sharded:  # as many passes as the rank with the most batches, agreed before the first forward
+            source.read_until(sys.maxsize)
+            pads = distributed.maximum(len(source.used)) - len(source.used)
         for index, batch in progress_bar(source.from_index(start), desc, total, progress):
             yield capture.capture(_to(batch, self.device), self.cfg, self.generator, active)
             every = self.cfg.checkpoint_every
             if every is not None and (index + 1) % every == 0:  # batch ``index`` is in ``sums`` by now
                 self._save(source, capture, p, index + 1, sums)
+        for _ in range(pads):  # padding passes add nothing
+            padding = capture.capture(_to(source.used[0], self.device), self.cfg,
+                                      torch.Generator(self.device).manual_seed(0), active)
+            for _ in padding.output_grads:
+                pass
+
+    def _owners(self, capture: LayerCapture) -> dict[str, int] | None:
+        """layer → owning rank on an FSDP model (None: every rank keeps every sum)."""
+        if not self.sharded:
+            return None
+        return assign_owners(self.layers, capture.groups, self.cfg.estimator, distributed.world_size())
 
     def _finish(self, kind: str, sums: Sums) -> None:
         """Normalise the pass's sums and store them one layer at a time (eigendecomposed for the factor pass)."""
@@ -192,12 +218,25 @@ class _Fit:
             self.store.put(layer, out)
 
     def _bases(self, group: int, capture: LayerCapture) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(Q_S, Q_A) of the group's layers as stored (at the factor dtype), on the device in the sums' dtype."""
+        """(Q_S, Q_A) of the group's layers as stored (at the factor dtype), on the device in the sums' dtype. On
+        an FSDP model each owner broadcasts its layers' bases (every rank projects its own per-sequence
+        gradients)."""
+        owners = self._owners(capture)
+        size = {spec.name: (spec.out_features, spec.in_features) for spec in self.layers}
+
         def load(key: str) -> torch.Tensor:
-            return self.store[key].to(self.device, self.accumulate)
+            kind, layer = key.split("/")[:2]
+            if owners is None or owners[layer] == distributed.rank():
+                basis = self.store[key].to(self.device, self.accumulate)
+            else:
+                n = size[layer][0 if kind == "S" else 1]
+                basis = torch.empty(n, n, dtype=self.accumulate, device=self.device)
+            if owners is not None:
+                torch.distributed.broadcast(basis, src=owners[layer])
+            return basis
 
         q_a = {capture.groups[spec.name] for spec in self.groups[group]}
-        q_a = {name: load(f"A/{name}/eigvecs") for name in q_a}
+        q_a = {name: load(f"A/{name}/eigvecs") for name in sorted(q_a)}
         return {spec.name: (load(f"S/{spec.name}/eigvecs"), q_a[capture.groups[spec.name]])
                 for spec in self.groups[group]}
 

@@ -35,6 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from kfade import distributed
+from kfade.curvature.cg import dot
 from kfade.curvature.fisher import IGNORE_INDEX, label_positions
 from kfade.errors import ConfigError
 from kfade.models.checkpointing import checkpointing_active
@@ -125,10 +126,13 @@ class GaussNewton:
         total = 0.0
         for _ in range(probes):
             signs = {n: torch.randint(0, 2, params[n].shape, generator=generator) * 2 - 1 for n in self.names}
-            z = {n: t.to(self.device, self.compute_dtype) for n, t in signs.items()}
-            gz = self.matvec(z)
-            total += sum(float((gz[n].double() * z[n].double()).sum()) for n in self.names)
+            z = {n: self.vector(n, t.to(self.device, self.compute_dtype)) for n, t in signs.items()}
+            total += dot(self.matvec(z), z)
         return total / probes / size
+
+    def vector(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """A whole tensor shaped like parameter ``name`` as a vector this operator takes (here: itself)."""
+        return whole
 
     def _batch_product(self, i: int, v: Vector) -> tuple[torch.Tensor, ...]:
         """Σ_t over batch i of J_tᵀ H_t J_t v (unnormalised)."""

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from torch import nn
 
-from kfade import distributed
+from kfade import distributed, fsdp
 from kfade.cache import fingerprint
 from kfade.curvature.config import APPLY_TIME_FIELDS, SCHEDULE_FIELDS, CurvatureConfig, fit_key
 from kfade.curvature.curvature import Curvature
 from kfade.curvature.fingerprint import model_fingerprint
 from kfade.curvature.fit import fit_curvature
 from kfade.curvature.layers import select_layers
+from kfade.curvature.sharded import ShardedCurvature
 from kfade.errors import ConfigError
 
 __all__ = ["APPLY_TIME_FIELDS", "SCHEDULE_FIELDS", "fit_fingerprint", "fit_key", "load_or_fit"]
@@ -34,31 +35,40 @@ def load_or_fit(model: nn.Module, batches_fn: Callable[[], Iterable[dict]], cfg:
     (with a warning); a stored fit whose layer shapes differ from the model's raises ``ConfigError``. The returned
     curvature uses ``cfg``'s apply-time fields (damping, offload). Under torch.distributed each rank fits its shard
     of the batches (``batches[rank::world]``; the caps then apply per rank), rank 0 writes the cache and the other
-    ranks read it back. Checkpoints (``checkpoint_every``) and disk-offloaded factors go to ``cfg.offload_dir``,
+    ranks read it back; on an FSDP model every rank fits, writes and reads only the layers it owns
+    (``ShardedCurvature``: a cache written by another world size, or by one process, is re-sharded on reading).
+    Checkpoints (``checkpoint_every``) and disk-offloaded factors go to ``cfg.offload_dir``,
     else to ``<cache entry>.work`` (kept after a crash so that the next call resumes, removed after the save)."""
     key = fingerprint({"config": fit_key(cfg), "data": data_fingerprint})
     path = Path(cache_root) / f"curvature-{cfg.estimator}-{key}"
     expected = fit_fingerprint(cfg, model_fingerprint(model), data_fingerprint)
     device = next(model.parameters()).device
+    sharded = distributed.world_size() > 1 and fsdp.is_sharded(model)
+    kind = ShardedCurvature if sharded else Curvature
+    stored = None
     if path.exists():
         try:
-            stored = Curvature.load(path, cfg.offload, device)
+            stored = kind.load(path, cfg.offload, device)
         except ConfigError as e:
             warnings.warn(f"refitting the curvature: {e}", stacklevel=2)
         else:
             _check_layers(stored, model, cfg, path)
-            if fit_fingerprint(stored.config, stored.model_fingerprint, stored.data_fingerprint) == expected:
-                return _with_apply_time_fields(stored, cfg)
-            warnings.warn(f"refitting the curvature: {path} was fit on other weights or data", stacklevel=2)
-    distributed.barrier()  # every rank has read the old entry before rank 0 replaces it
+            if fit_fingerprint(stored.config, stored.model_fingerprint, stored.data_fingerprint) != expected:
+                warnings.warn(f"refitting the curvature: {path} was fit on other weights or data", stacklevel=2)
+                stored = None
+    if sharded and distributed.agree(int(stored is not None)) != 1:  # each rank read only its own files
+        stored = None
+    if stored is not None:
+        return _with_apply_time_fields(stored, cfg)
+    distributed.barrier()  # every rank has read the old entry before it is replaced
     workdir = path.with_name(path.name + ".work")
     curvature = fit_curvature(model, distributed.shard(batches_fn()), cfg, progress=progress,
                               workdir=cfg.offload_dir or workdir)
     curvature.data_fingerprint = data_fingerprint
-    if distributed.is_main():
-        curvature.save(path)
+    if sharded or distributed.is_main():
+        curvature.save(path)  # sharded: every rank writes its own layers
     distributed.barrier()
-    if not distributed.is_main():
+    if not (sharded or distributed.is_main()):
         curvature = _with_apply_time_fields(Curvature.load(path, cfg.offload, device), cfg)
     distributed.barrier()
     if distributed.is_main():

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from kfade.curvature.owners import assign_owners, stored_elements
 from kfade.plan.architecture import Architecture
 from kfade.plan.config import Placement
 
@@ -57,6 +58,13 @@ class Workload:
     weight_copies: tuple[str, ...] = ("reference", "unlearned copy")  # whole models on the device
     host_weight_copies: tuple[str, ...] = ("pre-step copy (run.py)",)  # whole models in host memory
     trained_params: int | None = None  # first-order: parameters the optimiser updates (None: all)
+    world_size: int = 1  # torchrun processes; the plan is per rank
+    strategy: str = "replicate"  # replicate | fsdp: the unlearned copy, its vectors and the factors sharded
+
+    @property
+    def shards(self) -> int:
+        """Ways the unlearned copy, the vectors over its parameters and the factors are split (1: not)."""
+        return self.world_size if self.strategy == "fsdp" else 1
 
 
 @dataclass(frozen=True)
@@ -111,14 +119,10 @@ def layer_rows(arch: Architecture, estimator: str, factor_bytes: int) -> list[di
     counted at its group's first layer), S, eigenvalues (K-FAC vectors, EK-FAC Λ*, diagonal D)."""
     rows = []
     for spec in arch.layers:
-        out, inp = spec.out_features, spec.in_features
-        owns_a = arch.groups[spec.name] == spec.name
-        kron = estimator in ("kfac", "ekfac")
-        eig = {"kfac": out + (inp if owns_a else 0), "ekfac": out * inp, "diagonal": out * inp}.get(estimator, 0)
-        rows.append({"name": spec.name, "out": out, "in": inp, "group": arch.groups[spec.name],
-                     "A": factor_bytes * inp * inp if kron and owns_a else 0,
-                     "S": factor_bytes * out * out if kron else 0, "eig": factor_bytes * eig,
-                     "params": out * inp})
+        n = stored_elements(spec, estimator, arch.groups[spec.name] == spec.name)
+        rows.append({"name": spec.name, "out": spec.out_features, "in": spec.in_features,
+                     "group": arch.groups[spec.name], **{k: factor_bytes * v for k, v in n.items()},
+                     "params": spec.out_features * spec.in_features})
     return rows
 
 
@@ -168,16 +172,23 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
     throughout)."""
     p = MemoryPlan(w.device)
     b = DTYPE_BYTES[w.model_dtype]
-    weights = arch.n_params * b
+    weights, n = arch.n_params * b, w.shards
+    t = factor_totals(arch)
     for copy in w.weight_copies:
-        p.add(f"weights: {copy} ({w.model_dtype})", weights, "device", "all")
+        if n > 1 and copy == "unlearned copy":
+            p.add(f"weights: {copy} ({w.model_dtype}, FSDP shard 1/{n})", weights / n, "device", "all")
+            p.add(f"FSDP: 2 decoder blocks all-gathered (one in use, one prefetched; {w.model_dtype})",
+                  2 * t["params"] / arch.num_layers * b, "device", "all")
+        else:
+            whole = ", whole on every rank: not sharded" if n > 1 else ""
+            p.add(f"weights: {copy} ({w.model_dtype}{whole})", weights, "device", "all")
     for copy in w.host_weight_copies:
         p.add(f"weights: {copy} ({w.model_dtype})", weights, "cpu", "step")
     p.add(f"weights: loading one model on the host ({w.model_dtype})", weights, "cpu", "load")
-    t = factor_totals(arch)
+    of = f", 1/{n}" if n > 1 else ""
     if w.method == "first_order":
         trained = arch.n_params if w.trained_params is None else w.trained_params
-        p.add(f"AdamW gradient + 2 moments ({w.model_dtype})", ADAMW_STATES * trained * b, "device", "step")
+        p.add(f"AdamW gradient + 2 moments ({w.model_dtype}{of})", ADAMW_STATES * trained * b / n, "device", "step")
         p.add("activations, one batch (estimate)", activation_bytes(arch, w, False, False), "device", "step")
         return p
     if w.method != "kfade":  # evaluation only: no gradients, so this bounds it from above
@@ -186,18 +197,20 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
         return p
     _curvature_items(p, arch, w, placement)
     where = "cpu" if w.solver == "cg" and w.cg_offload == "cpu" else "device"
-    p.add("forget gradient (fp32)", 4 * t["params"], where, "step")
-    p.add("K-FADE direction (fp32)", 4 * t["params"], where, "step")
+    params = t["params"] / n
+    p.add(f"forget gradient (fp32{of})", 4 * params, where, "step")
+    p.add(f"K-FADE direction (fp32{of})", 4 * params, where, "step")
     if w.solver == "cg":
-        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × {w.cg_dtype}"
-              + (", host memory)" if where == "cpu" else ")"), CG_VECTORS * DTYPE_BYTES[w.cg_dtype] * t["params"],
+        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × {w.cg_dtype}{of}"
+              + (", host memory)" if where == "cpu" else ")"), CG_VECTORS * DTYPE_BYTES[w.cg_dtype] * params,
               where, "step")
         if where == "cpu":
-            p.add(f"CG vector in flight: a product's input ({w.model_dtype}) and result (fp32)", (b + 4) * t["params"],
+            p.add(f"CG vector in flight: a product's input ({w.model_dtype}) and result (fp32{of})", (b + 4) * params,
                   "device", "step")
     widest = max(s.out_features * s.in_features for s in arch.layers)
-    p.add("preconditioner workspace, one layer (fp32)", 3 * 4 * widest, "device", "step")
-    p.add(f"step snapshot of the covered weights ({w.model_dtype})", t["params"] * b, "cpu", "step")
+    gathered = " gathered on its owner" if n > 1 else ""
+    p.add(f"preconditioner workspace, one layer{gathered} (fp32)", 3 * 4 * widest, "device", "step")
+    p.add(f"step snapshot of the covered weights ({w.model_dtype}{of})", t["params"] * b / n, "cpu", "step")
     p.add("activations, one batch (estimate" + (", eager attention for G·v)" if w.solver == "cg" else ")"),
           activation_bytes(arch, w, False, w.solver == "cg"), "device", "step")
     return p
@@ -213,11 +226,17 @@ def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: 
     fb = DTYPE_BYTES[placement.factor_dtype]
     rows = layer_rows(arch, w.estimator, fb)
     stored = sum(r["A"] + r["S"] + r["eig"] for r in rows)
+    mine = ""
+    if w.shards > 1:  # this rank's layers: the largest share (kfade.curvature.owners)
+        owners = assign_owners(arch.layers, arch.groups, w.estimator, w.shards)
+        stored = max(sum(r["A"] + r["S"] + r["eig"] for r in rows if owners[r["name"]] == k) for k in range(w.shards))
+        mine = f", the largest rank's layers of {w.shards}"
     one_layer = max(r["A"] + r["S"] + r["eig"] for r in rows)
     chunks = layer_chunks([r["name"] for r in rows], placement.layer_groups)
     of_groups = f", 1 of {len(chunks)} layer groups" if len(chunks) > 1 else ""
     first = "outer" if w.estimator == "diagonal" else "factors"
-    p.add(f"factor sums ({'D' if first == 'outer' else 'A, S'}; fp32{of_groups})",
+    every = ", every rank's own before the reduce to owners" if w.shards > 1 else ""
+    p.add(f"factor sums ({'D' if first == 'outer' else 'A, S'}; fp32{of_groups}{every})",
           4 * max(_chunk_elements(rows, c, first) for c in chunks), "device", "fit")
     if w.estimator in ("kfac", "ekfac"):
         largest = max(max(r["in"], r["out"]) for r in rows)
@@ -228,10 +247,10 @@ def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: 
     if w.estimator == "ekfac":
         p.add(f"EK-FAC Λ* sums (fp32{of_groups})", 4 * max(_chunk_elements(rows, c, "outer") for c in chunks),
               "device", "correction")
-        copies = placement.offload != "none" or fb != 4
+        copies = placement.offload != "none" or fb != 4 or w.shards > 1  # FSDP: broadcast by the owners
         bases = max(sum(4 * (rows[i]["A"] + rows[i]["S"]) // fb for i in c) for c in chunks)
         p.add("eigenbases of the group being corrected (fp32 copies)", bases if copies else 0, "device", "correction")
-    name = f"curvature, {w.estimator} as stored ({placement.factor_dtype})"
+    name = f"curvature, {w.estimator} as stored ({placement.factor_dtype}{mine})"
     if placement.offload == "none":
         p.add(name, stored, "device", *fit_phases, "step")
         return

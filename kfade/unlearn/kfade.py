@@ -53,12 +53,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kfade import fsdp
 from kfade.cache import cache_dir, fingerprint
 from kfade.curvature import Curvature, CurvatureConfig, load_or_fit, model_fingerprint
 from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
-from kfade.curvature.ggn import GaussNewton
+from kfade.curvature.sharded_ggn import gauss_newton
 from kfade.data.formatting import evenly_spaced
 from kfade.errors import ConfigError
 from kfade.unlearn.base import (
@@ -152,7 +153,7 @@ def vector_dtype(gradient: torch.dtype, cg_dtype: str) -> torch.dtype:
 
 
 def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return sum(float(t.double().square().sum()) for t in tensors.values())
+    return dot(tensors, tensors)
 
 
 class QuadraticCheck:
@@ -164,7 +165,7 @@ class QuadraticCheck:
 
     def __init__(self, model: torch.nn.Module, batches: list, direction: dict[str, torch.Tensor], mode: str):
         self.probe = RetainKLProbe(model, batches)
-        ggn = GaussNewton(model, batches, list(direction), mode=mode)
+        ggn = gauss_newton(model, batches, list(direction), mode=mode)
         self.curvature = dot(direction, ggn(direction))  # pᵀGp, nats per token per unit η²
 
     def __call__(self, model: torch.nn.Module, eta: float) -> tuple[float, float]:
@@ -226,8 +227,8 @@ class KFade:
         cfg = self.cfg
         if cfg.solver == "direct":
             return curvature.precondition(grads, damping=cfg.damping, damping_mode=cfg.damping_mode), {}
-        ggn = GaussNewton(model, evenly_spaced(data.fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
-                          retain_graphs=cfg.cg_retain_graphs)
+        ggn = gauss_newton(model, evenly_spaced(data.fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
+                           retain_graphs=cfg.cg_retain_graphs)
         lam = cfg.cg_damping
         if cfg.cg_damping_mode == "relative":
             scale = curvature.mean_eigenvalue()
@@ -349,15 +350,18 @@ class KFade:
         start_probe = (RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))  # trust region's budget
                        if cfg.step_rule == "trust_region" and cfg.max_backtracks else None)
         grads, scores = self.forget_gradient(model, data.forget, names)
-        zeros = sum(int((curvature.eigenvalues(spec) == 0).sum()) for spec in curvature.layers)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
-                    "zero_eigenvalues": zeros}]
+                    "zero_eigenvalues": curvature.zero_eigenvalues()}]
         target = cfg.target_forget_prob if cfg.step_rule == "target_forget" else None
         if (skipped := target_reached_at_start(scores.prob, target)) is not None:
             history[0]["skipped"] = skipped
         emit(history[-1])
         previous, plan, step = None, cfg.n_steps, 0
         checkpoints = self.checkpoint_dir(model, data) if cfg.solver == "cg" and cfg.cg_checkpoint else None
+        if checkpoints is not None and fsdp.is_sharded(model):
+            warnings.warn("method.cg_checkpoint=true: no PCG checkpoints under distributed.strategy=fsdp (the vectors "
+                          "are sharded); a restarted run solves from the start", stacklevel=2)
+            checkpoints = None
         while step < plan and "skipped" not in history[0]:
             step += 1
             saved = snapshot(model, names)

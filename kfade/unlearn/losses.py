@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kfade import distributed, fsdp
 from kfade.models.logits import label_logits, token_kl
 from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import Batch, count_label_tokens
@@ -58,8 +59,11 @@ class _ScoreSums:
         count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(token_nll))
         self.probs += torch.exp(-total[count > 0] / count[count > 0]).tolist()
 
-    def scores(self) -> ForgetScores:
-        return ForgetScores(self.nll / self.tokens, sum(self.probs) / len(self.probs))
+    def scores(self, over_ranks: bool = False) -> ForgetScores:
+        """The scores of the batches seen here, or with ``over_ranks`` of those seen by every rank."""
+        sums = [self.nll, self.tokens, sum(self.probs), len(self.probs)]
+        nll, tokens, probs, count = fsdp.sum_over_ranks(sums) if over_ranks else sums
+        return ForgetScores(nll / tokens, probs / count)
 
 
 def _token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +98,8 @@ def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Seq
     Gradients are accumulated in fp32 (fp64 for fp64 parameters). Each minibatch contributes
     Σ_batch NLL / N_total, so the accumulated gradient equals the full-set mean's whatever the batch size.
     """
+    if distributed.world_size() > 1 and fsdp.is_sharded(model):
+        return _sharded_forget_gradient(model, batches, names, progress)
     total = count_label_tokens(batches)
     grads, sums = None, _ScoreSums()
     with requires_grad_only(model, names) as params:
@@ -107,6 +113,23 @@ def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Seq
                     acc.add_(g)
             sums.add(token_nll, rows, batch["labels"].shape[0])
     return dict(zip(names, grads, strict=True)), sums.scores()
+
+
+def _sharded_forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Sequence[str],
+                             progress: bool) -> tuple[dict[str, torch.Tensor], ForgetScores]:
+    """``forget_gradient`` on an FSDP model: each rank backpropagates its shard of the batches (padded with
+    zero-weight passes); FSDP sums the gradients over the ranks into ``DTensor`` row shards."""
+    total, grads, sums = count_label_tokens(batches), None, _ScoreSums()
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    with fsdp.summed_gradients(model):
+        for batch, real in tqdm(fsdp.padded_shard(batches), desc="forget gradient", leave=False,
+                                disable=not progress):
+            token_nll, rows = _token_nll(model, batch)
+            (token_nll.sum() * (float(real) / total)).backward()
+            grads = fsdp.take_grads(model, names, grads, dtype)
+            if real:
+                sums.add(token_nll, rows, batch["labels"].shape[0])
+    return grads, sums.scores(over_ranks=True)
 
 
 class RetainKLProbe:

@@ -1,0 +1,79 @@
+"""Per-rank memory plans for ``distributed.strategy=fsdp``: what is sharded (the unlearned copy, its gradient,
+direction and CG vectors, the factors by owner) against the same run on one process, and the Llama-3-70B plan on
+8 × 141 GB from its shipped config (offline, seconds)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from transformers import AutoConfig
+
+from kfade.curvature.config import DEFAULT_MODULES
+from kfade.curvature.owners import assign_owners
+from kfade.errors import ConfigError
+from kfade.plan import GB, Placement, Workload, architecture, layer_rows, plan_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def items(plan, prefix):
+    return sum(i.nbytes for i in plan.items if i.name.startswith(prefix))
+
+
+def test_fsdp_shards_the_copy_vectors_and_factors_per_rank():
+    arch = architecture(AutoConfig.from_pretrained(ROOT / "conf/fixtures/models/locuslab--tofu_ft_llama2-7b"),
+                        DEFAULT_MODULES)
+    one = plan_memory(arch, Workload(solver="cg"), Placement())
+    fsdp = plan_memory(arch, Workload(solver="cg", world_size=8, strategy="fsdp"), Placement())
+    replicated = plan_memory(arch, Workload(solver="cg", world_size=8), Placement())
+    assert [(i.name, i.nbytes) for i in replicated.items] == [(i.name, i.nbytes) for i in one.items]
+    for prefix in ("forget gradient", "K-FADE direction", "CG vectors", "weights: unlearned copy"):
+        assert items(fsdp, prefix) == pytest.approx(items(one, prefix) / 8, rel=1e-9), prefix
+    assert items(fsdp, "weights: reference") == items(one, "weights: reference")  # evaluated whole on every rank
+    rows = layer_rows(arch, "ekfac", 4)
+    owners = assign_owners(arch.layers, arch.groups, "ekfac", 8)
+    per_rank = [sum(r["A"] + r["S"] + r["eig"] for r in rows if owners[r["name"]] == k) for k in range(8)]
+    stored = items(fsdp, "curvature, ekfac as stored")
+    assert stored == max(per_rank) and stored < 1.05 * items(one, "curvature, ekfac as stored") / 8
+
+
+def plan_70b(*overrides):
+    from run import run
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "experiment=paper_wmdp_llama3_8b", "model=llama3_70b_instruct", "dry_run=true", "memory.gpu_gb=141",
+            "memory.cpu_gb=2000", "distributed.strategy=fsdp", "distributed.world_size=8", *overrides])
+    return run(cfg, Path("/nonexistent"))
+
+
+def unsharded_step_peak(info):
+    plan = info["plan"]
+    whole = sum(i.nbytes for i in plan.items if "whole on every rank" in i.name and i.where == "device")
+    return (plan.total("device", "step") - whole) / GB
+
+
+def test_llama3_70b_on_8_h200_per_rank(capsys):
+    direct = plan_70b("method.solver=direct", "dataset.batch_size=1")
+    out = capsys.readouterr().out
+    assert "70.6B parameters" in out and "per rank: 8 ranks, distributed.strategy=fsdp" in out
+    assert "weights: reference (bfloat16, whole on every rank: not sharded) | all | cuda | 141.11 |" in out
+    assert "does NOT fit the budget" in out  # the reference alone is 141.1 GB on every rank
+    assert "forget gradient (fp32, 1/8) | step | cuda | 34.23 |" in out
+    assert unsharded_step_peak(direct) < 141  # the sharded K-FADE step itself fits
+
+
+@pytest.mark.slow
+def test_llama3_70b_cg_on_8_h200_needs_host_vectors():
+    cg = plan_70b("method.solver=cg", "dataset.batch_size=1")
+    assert unsharded_step_peak(cg) > 141  # 7 fp32 PCG vectors, 1/8 each: 239.6 GB
+    offloaded = plan_70b("method.solver=cg", "dataset.batch_size=1", "method.cg_offload=cpu",
+                         "method.cg_dtype=bfloat16")
+    assert unsharded_step_peak(offloaded) < 141
+
+
+def test_bad_distributed_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"^distributed.world_size=0"):
+        plan_70b("distributed.world_size=0")
