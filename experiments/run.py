@@ -34,9 +34,9 @@ from kfade.data.formatting import pad_id
 from kfade.errors import ConfigError
 from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
 from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
-from kfade.eval.objective import ObjectiveConfig, objective_from_run
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.preflight import check_run
+from kfade.report.objective import ObjectiveConfig, objective_from_run
 from kfade.suites import build_suite
 from kfade.tracking import make_tracker, require_unfinished, write_results
 from kfade.unlearn import METHODS, apply_delta, build_method, compute_delta, save_delta

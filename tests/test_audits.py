@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 from test_run import ROOT, run_in_process
 
 from kfade.data.formatting import QAFormatter, pad_id
-from kfade.eval.matched import columns_of, matched_rows
 from kfade.eval.quantize import quantize_weight, quantized
 from kfade.eval.relearn import RelearnConfig, attack_split, recovery, relearned
-from kfade.eval.report import REFERENCE_METHODS, _reference_rows, table_columns
+from kfade.report.matched import columns_of, matched_rows
+from kfade.report.report import REFERENCE_METHODS, _reference_rows, table_columns
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import run as entry  # noqa: E402

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kfade.curvature import CurvatureConfig
-from kfade.eval.objective import ObjectiveConfig, objective_value
-from kfade.eval.paper_table import paper_table
 from kfade.plan import MemoryConfig
+from kfade.report.objective import ObjectiveConfig, objective_value
+from kfade.report.paper_table import paper_table
 from kfade.tracking import write_results
 from kfade.unlearn import METHODS
 
