@@ -34,7 +34,7 @@ SEEDS_LEVEL = 0.38  # the level at which regime reports summarise seeds_<sweep> 
 def write_regimes_report(root: str | os.PathLike) -> str:
     """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
     ``scratch`` and ``pretrained`` of ``experiments/sweeps/compare.sh``): each regime's reference
-    models, then the matched tables side by side (``kfade.report.matched.regimes_markdown``; ``seeds_…`` sweeps left
+    models, then the matched tables side by side (:func:`regimes_markdown`; ``seeds_…`` sweeps left
     out), then — where a sweep has a
     ``seeds_<sweep>`` twin — mean ± sd over its runs at P̄ ``SEEDS_LEVEL`` (``seeds_markdown``). Returns the text."""
     root = Path(root)

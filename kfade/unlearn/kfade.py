@@ -195,7 +195,6 @@ class KFade:
 
     def __init__(self, cfg: KFadeConfig, curvature: CurvatureConfig | None = None,
                  cache_root: str | Path | None = None, progress: bool = False):
-        cfg.validate()
         self.cfg, self.progress = cfg, progress
         self.curvature_cfg = curvature if curvature is not None else CurvatureConfig()
         self.timings: dict[str, float] = {}
