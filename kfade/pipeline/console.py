@@ -6,16 +6,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from kfade.pipeline.config import RunConfig
+from kfade.unlearn.solvers import SOLVERS
+from kfade.unlearn.step_rules import STEP_RULES
 
 
 def method_knobs(method) -> str:
-    """The method settings a reader checks first (those of its step rule and solver only)."""
+    """The method settings a reader checks first (of K-FADE's, those its step rule and solver read)."""
     values = vars(method)
-    rule = values.get("step_rule")
-    shown = {"solver": True, "step_rule": True, "target_forget_prob": rule == "target_forget",
-             "kl_budget": rule == "trust_region", "step_size": rule in ("fixed", "normalized"), "n_steps": True,
-             "cg_iters": values.get("solver") == "cg", "lr": True, "epochs": True}
-    return ", ".join(f"{k}={values[k]}" for k, show in shown.items() if show and k in values)
+    rule, solver = STEP_RULES.get(values.get("step_rule")), SOLVERS.get(values.get("solver"))
+    shown = ["solver", "step_rule", *(rule.knobs if rule else ()), "n_steps", *(solver.knobs if solver else ()),
+             "lr", "epochs"]
+    return ", ".join(f"{k}={values[k]}" for k in shown if k in values)
 
 
 def header(config: RunConfig, run_dir: Path, choices: Mapping[str, str | None]) -> str:
