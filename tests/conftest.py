@@ -60,6 +60,15 @@ def tiny_model(tokenizer):
     return make_tiny_llama(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """A random fp64 Llama with biases, small enough for dense GGN blocks (``test_curvature_reference.tiny_llama``):
+    the model of the exact-curvature tests, one per test module."""
+    from test_curvature_reference import tiny_llama
+
+    return tiny_llama(bias=True)
+
+
 def file_digests(*roots: Path) -> dict[str, str]:
     """SHA-256 of every file under ``roots`` (to show that a run left its inputs untouched)."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()

@@ -18,9 +18,7 @@
 # (matched.md/.csv, pareto.png) and report.py --regimes (regimes.md).
 #   experiments/sweeps/compare.sh [DIR] [extra Hydra overrides for every job…]     (DIR: multirun/compare/<date>)
 #   REGIMES="pretrained" experiments/sweeps/compare.sh …                           (one regime only)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
 export OMP_NUM_THREADS=1                     # two slots on two cores: more threads oversubscribe
 DIR=${1:-multirun/compare/$(date +%Y-%m-%d_%H-%M-%S)}
