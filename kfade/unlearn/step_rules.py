@@ -66,6 +66,8 @@ class StepRule:
 
 
 class Fixed(StepRule):
+    """η = ``step_size``."""
+
     knobs = ("step_size",)
 
     def eta(self, model, grads, direction, forget, prob, steps_left):
@@ -73,6 +75,8 @@ class Fixed(StepRule):
 
 
 class Normalized(StepRule):
+    """η = ``step_size`` / ‖p‖₂: every step has ‖Δ‖₂ = ``step_size``."""
+
     knobs = ("step_size",)
 
     def eta(self, model, grads, direction, forget, prob, steps_left):
@@ -80,22 +84,28 @@ class Normalized(StepRule):
 
 
 class TrustRegion(StepRule):
+    """η = sqrt(2ε / gᵀp), ε = ``kl_budget``; halved up to ``max_backtracks`` times while the measured KL
+    overshoots."""
+
     knobs = ("kl_budget",)
 
-    def __init__(self, cfg: KFadeConfig):
-        super().__init__(cfg)
-        self.backtracks = cfg.max_backtracks
+    @property
+    def backtracks(self) -> int:
+        return self.cfg.max_backtracks
 
     def eta(self, model, grads, direction, forget, prob, steps_left):
         return trust_region_eta(grads, direction, self.cfg.kl_budget), {}
 
 
 class TargetForget(StepRule):
+    """η at which the forget P̄ after the step is P̄·(target/P̄)^(1/r), r the steps left (``target_forget_prob``
+    after the last step); a split step aims along the longer schedule."""
+
     knobs = ("target_forget_prob",)
 
-    def __init__(self, cfg: KFadeConfig):
-        super().__init__(cfg)
-        self.target = cfg.target_forget_prob
+    @property
+    def target(self) -> float:
+        return self.cfg.target_forget_prob
 
     def eta(self, model, grads, direction, forget, prob, steps_left):
         aim = prob * (self.target / prob) ** (1 / steps_left)
