@@ -19,7 +19,7 @@ from kfade.curvature.store import fit_key
 from kfade.errors import ConfigError
 
 BATCHES = batches_of(qa_sequences(8, seed=5), 2)  # 4 batches
-BF16_REL_ERROR = 0.02  # measured 0.0038 (kfac), 0.0039 (ekfac) here; README: Fitting at scale
+BF16_REL_ERROR = 0.02  # measured 0.0038 (kfac), 0.0039 (ekfac) here; docs/scale.md
 
 
 def model32():

@@ -13,7 +13,7 @@
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
 # From scratch the general text is only scored (that model never learnt it), so it fits on the QA sets alone.
 # Every run (and the reference models) is audited (eval.audits=$AUDITS: relearning, quantization, membership
-# inference, extraction; README: Audits); AUDITS="[]" skips them.
+# inference, extraction; docs/benchmarks.md); AUDITS="[]" skips them.
 # The sweeps run from one queue on two slots (one thread each), longest first; then report.py per regime
 # (matched.md/.csv, pareto.png) and report.py --regimes (regimes.md).
 #   experiments/sweeps/compare.sh [DIR] [extra Hydra overrides for every job…]     (DIR: multirun/compare/<date>)

@@ -80,7 +80,7 @@ class KFadeConfig:
     max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
     damping: float | None = None  # δ override (absolute) or α (relative, global); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative | global override; None → the curvature config's
-    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; README: measured)
+    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; docs/results.md)
     cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
