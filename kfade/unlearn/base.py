@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -64,6 +64,7 @@ class UnlearnData:
             self.kl_probe = self.retain[:KL_PROBE_BATCHES]
 
 
+@runtime_checkable
 class Method(Protocol):
     """What every unlearning method provides (``kfade.unlearn.METHODS``).
 
