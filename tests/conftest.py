@@ -96,10 +96,11 @@ def small_tofu_splits(retain: int = 4) -> dict[str, list[dict]]:
     return out
 
 
-def composed(*overrides: str):
-    """The job config of ``experiments/run.py overrides…``, composed from conf/ as Hydra does."""
+def composed(*overrides: str, hydra: bool = False):
+    """The job config of ``experiments/run.py overrides…``, composed from conf/ as Hydra does (``hydra``: with
+    Hydra's own node, as the launcher and sweeper see it)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def run_experiment(run_dir: Path, *overrides: str) -> dict:

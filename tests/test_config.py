@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from omegaconf import OmegaConf
 
 from kfade.curvature import CurvatureConfig
@@ -22,11 +22,6 @@ GROUP_SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "eval": EvalCon
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("group", ["model", "dataset", "eval", "logger"])

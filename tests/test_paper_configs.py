@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import composed
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -31,11 +32,6 @@ TABLES = {"paper_tofu_llama2_7b": TOFU, "paper_tofu_phi15": TOFU, "paper_wmdp_ze
 FIXTURE_OF = {"paper_tofu_llama2_7b": "locuslab--tofu_ft_llama2-7b", "paper_tofu_phi15": "locuslab--tofu_ft_phi-1.5",
               "paper_wmdp_zephyr": "HuggingFaceH4--zephyr-7b-beta",
               "paper_wmdp_llama3_8b": "meta-llama--Meta-Llama-3-8B-Instruct"}
-
-
-def composed(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.mark.parametrize("experiment", sorted(TABLES))
