@@ -29,7 +29,7 @@ test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-bench: $(VENV)/.installed  ## timing ratios measured side by side (see README: Performance)
+bench: $(VENV)/.installed  ## timing ratios measured side by side (see docs/performance.md)
 	$(PY) benchmarks/bench_curvature.py
 	$(PY) benchmarks/bench_unlearn.py
 	$(PY) benchmarks/bench_unlearn.py --matched --repeats 1

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         method = build_method("kfade", step, curvature=cfg)
         start = time.perf_counter()
         grads, _ = forget_gradient(model, forget, curv.param_names)
-        direction, record = method.solve(model, curv, grads, data, 1, None, lambda rec: None)
+        direction, record = method.solver.solve(model, curv, grads, data.fit, 1)
         apply_delta(model, {n: method.cfg.step_size * d for n, d in direction.items()})
         step_s = timed(lambda: None, device) + time.perf_counter() - start
         extra = f", {record['cg_iters']} PCG iterations, residual {record['cg_residual']:.2g}" if record else ""
@@ -188,7 +188,7 @@ def cg_vector_variants(model, curv: Curvature, cfg: CurvatureConfig, grads, data
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        direction, _ = method.solve(model, curv, grads, data, 1, None, lambda rec: None)
+        direction, _ = method.solver.solve(model, curv, grads, data.fit, 1)
         solve_s = timed(lambda: None, device) + time.perf_counter() - start
         reference = direction if reference is None else reference
         error = (sum(float((direction[n].float() - reference[n].float()).square().sum()) for n in reference)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
-from kfade.eval.paper_table import TABLES, paper_table
-from kfade.eval.report import aggregate_log_dirs, write_regimes_report, write_report
+from kfade.report.paper_table import TABLES, paper_table
+from kfade.report.regimes import write_regimes_report
+from kfade.report.report import aggregate_log_dirs, write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

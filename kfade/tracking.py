@@ -33,6 +33,9 @@ class LoggerConfig:
     group: str | None = None  # W&B run group, e.g. one per sweep; None: ungrouped
     tags: list[str] = field(default_factory=list)  # W&B run tags
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         require_one_of("logger.kind", self.kind, TRACKER_KINDS)
         require_one_of("logger.mode", self.mode, WANDB_MODES)

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 # Tests are hermetic: nothing reaches a model or dataset hub (without this, `datasets` can stall on a network
@@ -14,14 +13,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
+from omegaconf import OmegaConf, open_dict  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from kfade import pipeline  # noqa: E402
 from kfade.data.mini_tofu import REFERENCE_DIR, mini_tofu_splits  # noqa: E402
 from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))  # the Hydra app's modules (run, dry_run, schema …)
+OmegaConf.register_new_resolver("run_name", pipeline.run_name, replace=True)  # conf/config.yaml's run dir
 
 CORPUS = [
     "Question: Where was Alia Verne born?\nAnswer: Alia Verne was born in Port Lumen.",
@@ -60,6 +60,15 @@ def tiny_model(tokenizer):
     return make_tiny_llama(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def model():
+    """A random fp64 Llama with biases, small enough for dense GGN blocks (``test_curvature_reference.tiny_llama``):
+    the model of the exact-curvature tests, one per test module."""
+    from test_curvature_reference import tiny_llama
+
+    return tiny_llama(bias=True)
+
+
 def file_digests(*roots: Path) -> dict[str, str]:
     """SHA-256 of every file under ``roots`` (to show that a run left its inputs untouched)."""
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for root in roots if root.exists()
@@ -87,13 +96,21 @@ def small_tofu_splits(retain: int = 4) -> dict[str, list[dict]]:
     return out
 
 
-def run_experiment(run_dir: Path, *overrides: str) -> dict:
-    """``experiments/run.py overrides…`` in this process: composed from conf/ as Hydra does, run into ``run_dir``."""
-    import run as entry  # experiments/run.py (imported on first use: it loads the whole pipeline)
+def composed(*overrides: str, hydra: bool = False):
+    """The job config of ``experiments/run.py overrides…``, composed from conf/ as Hydra does (``hydra``: with
+    Hydra's own node, as the launcher and sweeper see it)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
+
+def run_experiment(run_dir: Path, *overrides: str) -> dict:
+    """``experiments/run.py overrides…`` in this process: composed from conf/ as Hydra does, then typed and run by
+    ``kfade.pipeline`` into ``run_dir`` (as the app does, with the chosen group options labelling the header)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
+        choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]  # as in a real run: the job's config has no hydra node
-        return entry.run(cfg, run_dir)
+        return pipeline.run(pipeline.load_config(cfg), run_dir, choices=choices,
+                            logged=OmegaConf.to_container(cfg, resolve=True))

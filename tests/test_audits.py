@@ -1,7 +1,6 @@
 """Audits end to end through experiments/run.py (every model gets them, keys finite), and the attacks' own
 contracts: deep copies only, determinism, the attack budget, quantization levels."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +10,11 @@ from hydra import compose, initialize_config_dir
 from test_run import ROOT, run_in_process
 
 from kfade.data.formatting import QAFormatter, pad_id
-from kfade.eval.matched import columns_of, matched_rows
 from kfade.eval.quantize import quantize_weight, quantized
 from kfade.eval.relearn import RelearnConfig, attack_split, recovery, relearned
-from kfade.eval.report import REFERENCE_METHODS, _reference_rows, table_columns
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import run as entry  # noqa: E402
+from kfade.pipeline import load_config
+from kfade.report.matched import columns_of, matched_rows
+from kfade.report.report import REFERENCE_METHODS, _reference_rows, table_columns
 
 MODELS = ("", "reference/", "retrain/")
 AUDIT_KEYS = ["relearn/forget/prob", "relearn/forget_quality", "relearn_retain/forget/prob",
@@ -110,7 +107,7 @@ def test_no_audit_by_default():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for experiment in ("mini_tofu", "mini_wmdp"):
             cfg = compose(config_name="config", overrides=[f"experiment={experiment}"])
-            assert entry.validated(cfg).eval.audits == []  # default: none (speed); the compare sweep turns them on
+            assert load_config(cfg).eval.audits == []  # default: none (speed); the compare sweep turns them on
 
 
 def test_audit_keys_become_report_and_matched_columns_only_when_present():

@@ -1,13 +1,14 @@
 """Bad input through the real entry points fails early and clearly, or is recovered from where that is the contract.
 
 Each case: a ``ConfigError`` (the CLI: ``error: key=value: reason`` on one line of stderr, exit code 2, no
-traceback) that names the key and the value, raised by the same ``validated`` that ``experiments/run.py`` calls
-before any data is built or model trained (the cache starts cold and holds no model afterwards), and every file
-that existed before is intact afterwards.
+traceback) that names the key and the value, raised by the same ``kfade.pipeline.load_config`` that
+``experiments/run.py`` calls before any data is built or model trained (the cache starts cold and holds no model
+afterwards), and every file that existed before is intact afterwards.
 """
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import file_digests, make_tiny_llama
 from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
+from test_unlearn_kfade import qa_data
 
 from kfade.curvature import CurvatureConfig
 from kfade.data.files import materialise
@@ -25,15 +28,17 @@ from kfade.errors import ConfigError
 from kfade.models.mini import mini_tokenizer, trained_tiny_model
 from kfade.models.tiny import TinyLlamaSpec
 from kfade.models.train import TrainRecipe
+from kfade.pipeline import load_config, run
 from kfade.unlearn import build_method
 from kfade.unlearn.delta import apply_delta, load_delta, save_delta
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import report  # noqa: E402
-import run as entry  # noqa: E402
-from conftest import file_digests, make_tiny_llama  # noqa: E402
-from test_unlearn_kfade import qa_data  # noqa: E402
+REPORT = ROOT / "experiments" / "report.py"
+
+
+def report_main(argv: list[str]) -> int:
+    """``experiments/report.py argv…`` in this process; its exit code."""
+    return runpy.run_path(str(REPORT))["main"](argv)
 
 
 def intact(before: dict[str, str], *roots: Path) -> bool:
@@ -134,7 +139,7 @@ CONFIG_CASES = [  # (overrides, key, value as printed)
 def test_good_configs_pass_the_same_checks(inputs, overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[o.replace("{root}", str(inputs)) for o in overrides])
-    checked = entry.validated(cfg)  # not a wall that stops everything: the shipped experiments pass
+    checked = load_config(cfg)  # not a wall that stops everything: the shipped experiments pass
     assert checked.model.device in ("cpu", "cuda") and checked.method is not None
     assert not (inputs / "cache" / "models").exists()
 
@@ -146,7 +151,7 @@ def test_bad_config_is_one_line_naming_key_and_value_before_any_work(inputs, ove
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with pytest.raises(ConfigError) as err:
-        entry.validated(cfg)
+        load_config(cfg)
     message = f"error: {err.value}"
     assert err.value.key == key and "\n" not in message
     assert message.startswith(f"error: {key}=") and value in message.split(": ", 2)[1]
@@ -170,7 +175,7 @@ def test_a_finished_run_dir_is_never_overwritten(inputs, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["method=none", "logger=none"])
     with pytest.raises(ConfigError, match="holds a finished run") as err:
-        entry.run(cfg, tmp_path)
+        run(load_config(cfg), tmp_path)
     assert err.value.key == "run_dir" and file_digests(tmp_path) == before
 
 
@@ -181,12 +186,12 @@ def test_report_on_truncated_results_and_logs(tmp_path, capsys):
     (good / "results.json").write_text(json.dumps({"method": "grad_ascent", "forget/prob": 0.5}))
     (broken / "results.json").write_text('{"method": "kfa')  # truncated: listed, not used
     before = file_digests(tmp_path)
-    assert report.main([str(tmp_path / "sweep")]) == 0
+    assert report_main([str(tmp_path / "sweep")]) == 0
     assert "- 1: broken results.json" in capsys.readouterr().out
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "eval_log_forget.json").write_text('{"avg_paraphrased_loss": {"0": 1.')  # truncated
-    assert report.main(["--tofu-logs", str(logs), "--retain-logs", str(logs)]) == 2
+    assert report_main(["--tofu-logs", str(logs), "--retain-logs", str(logs)]) == 2
     assert capsys.readouterr().err.startswith(f"error: report.tofu_logs='{logs}': unreadable TOFU eval log")
     assert intact(before, tmp_path)
 

@@ -1,30 +1,27 @@
 """Every config group composes and validates against its schema; typos and wrong types are one-line errors."""
 
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from omegaconf import OmegaConf
 
 from kfade.curvature import CurvatureConfig
+from kfade.data.config import DatasetConfig
 from kfade.errors import ConfigError
+from kfade.eval.config import EvalConfig
+from kfade.models.config import ModelConfig
+from kfade.pipeline import typed
+from kfade.tracking import LoggerConfig
 from kfade.unlearn import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed  # noqa: E402
 
 GROUP_SCHEMAS = {"model": ModelConfig, "dataset": DatasetConfig, "eval": EvalConfig, "logger": LoggerConfig}
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("group", ["model", "dataset", "eval", "logger"])

@@ -10,7 +10,6 @@ from test_curvature_reference import (
     exact_ggn_blocks,
     linear_names,
     qa_sequences,
-    tiny_llama,
 )
 from torch.func import functional_call, grad
 
@@ -22,11 +21,6 @@ ALL_LINEAR = r"\.layers\."
 def fit(model, batches, estimator, fisher="exact", **kw):
     return fit_curvature(model, batches, CurvatureConfig(estimator=estimator, fisher=fisher, modules=ALL_LINEAR,
                                                           **kw))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,6 @@ from kfade.curvature import CurvatureConfig, fit_curvature
 SEQS = qa_sequences(8, seed=7)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(bias=True)
-
-
 def fit(model, batches, estimator="ekfac", fisher="empirical", **kw):
     return fit_curvature(model, batches, CurvatureConfig(estimator=estimator, fisher=fisher, **kw))
 

@@ -12,11 +12,6 @@ ESTIMATORS = ["kfac", "ekfac", "diagonal", "identity"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_llama(bias=True)
-
-
-@pytest.fixture(scope="module")
 def batches():
     return batches_of(qa_sequences(6, seed=3), 3)
 

@@ -2,25 +2,25 @@
 the cluster launcher and Optuna sweeper configs compose; the sweep objective and the paper table."""
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import composed
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kfade.curvature import CurvatureConfig
-from kfade.eval.objective import ObjectiveConfig, objective_value
-from kfade.eval.paper_table import paper_table
+from kfade.data.config import DatasetConfig
+from kfade.eval.config import EvalConfig
+from kfade.models.config import ModelConfig
+from kfade.pipeline import load_config, placement_fields, plan_run, typed
 from kfade.plan import MemoryConfig
-from kfade.tracking import write_results
+from kfade.report.objective import ObjectiveConfig, objective_value
+from kfade.report.paper_table import paper_table
+from kfade.tracking import LoggerConfig, write_results
 from kfade.unlearn import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from dry_run import plan_run  # noqa: E402
-from run import configured_method  # noqa: E402
-from schema import DatasetConfig, EvalConfig, LoggerConfig, ModelConfig, typed  # noqa: E402
 
 KFADE = [("method=kfade", "method.solver=direct"), ("method=kfade", "method.solver=cg")]
 TOFU = ([("dataset.forget_split", s) for s in ("forget01", "forget05", "forget10")],
@@ -34,11 +34,6 @@ FIXTURE_OF = {"paper_tofu_llama2_7b": "locuslab--tofu_ft_llama2-7b", "paper_tofu
               "paper_wmdp_llama3_8b": "meta-llama--Meta-Llama-3-8B-Instruct"}
 
 
-def composed(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
-
-
 @pytest.mark.parametrize("experiment", sorted(TABLES))
 def test_paper_configs_compose_validate_and_plan_offline(experiment):
     settings, methods = TABLES[experiment]
@@ -46,7 +41,7 @@ def test_paper_configs_compose_validate_and_plan_offline(experiment):
     peaks = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         by_method = {method: compose(config_name="config", overrides=[
-            f"experiment={experiment}", *local, *method, "memory.gpu_gb=80", "memory.cpu_gb=512"])
+            f"experiment={experiment}", *local, *method, "memory.gpu_gb=80", "memory.cpu_gb=512", "dry_run=true"])
             for method in methods}
     configs = {}
     for method, base in by_method.items():
@@ -60,7 +55,7 @@ def test_paper_configs_compose_validate_and_plan_offline(experiment):
             typed(cfg[key], schema, key)
         assert isinstance(typed(cfg.method, METHODS[cfg.method.name][0], "method"), METHODS[cfg.method.name][0])
         assert typed(cfg.curvature, CurvatureConfig, "curvature").estimator == "ekfac"
-        info = plan_run(cfg, configured_method(cfg))  # the model's config from the shipped fixture
+        info = plan_run(load_config(cfg))  # the model's config from the shipped fixture (a dry run: no preflight)
         assert info["source"].endswith(FIXTURE_OF[experiment]) and info["plan"].peak("device") > 0
         peaks[setting] = info["plan"].peak("device")
     if "wmdp" in experiment:
@@ -124,15 +119,13 @@ def test_wmdp_paper_table_keeps_mmlu_within_the_drop(tmp_path):
 
 
 def test_placement_fields_are_the_curvature_config_fields_the_plan_chose():
-    from dry_run import placement_fields
-
-    cfg = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
-                   "method.solver=direct", "memory.gpu_gb=141", "memory.cpu_gb=512")
-    fields = placement_fields(cfg)
+    paper = ("dry_run=true", "experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade")
+    cfg = composed(*paper, "method.solver=direct", "memory.gpu_gb=141", "memory.cpu_gb=512")
+    fields = placement_fields(load_config(cfg))
     assert fields == {"factor_dtype": "float32", "offload": "cpu", "offload_dir": None, "layer_groups": 2,
                       "checkpoint_every": None}
-    forced = composed("experiment=paper_tofu_llama2_7b", "model.retrain_path=/models/retain90", "method=kfade",
-                      "memory.gpu_gb=141", "memory.offload=disk", "memory.layer_groups=2",
+    forced = composed(*paper, "memory.gpu_gb=141", "memory.offload=disk", "memory.layer_groups=2",
                       "memory.offload_dir=/scratch")
-    assert placement_fields(forced) == {"factor_dtype": "float32", "offload": "disk", "offload_dir": "/scratch",
-                                        "layer_groups": 2, "checkpoint_every": None}
+    assert placement_fields(load_config(forced)) == {"factor_dtype": "float32", "offload": "disk",
+                                                     "offload_dir": "/scratch", "layer_groups": 2,
+                                                     "checkpoint_every": None}

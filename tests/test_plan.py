@@ -2,7 +2,6 @@
 ``fit_curvature`` stores on tiny models, the placement search, and the ``dry_run=true`` entry point."""
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from transformers import AutoConfig, PhiConfig, PhiForCausalLM
 from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.curvature.config import DEFAULT_MODULES
 from kfade.errors import ConfigError
+from kfade.pipeline import load_config, run
 from kfade.plan import (
     GB,
     MemoryConfig,
@@ -29,7 +29,6 @@ from kfade.plan.memory import CG_VECTORS, eigh_workspace_bytes, layer_chunks
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "conf" / "fixtures" / "models"
 LLAMA2 = FIXTURES / "locuslab--tofu_ft_llama2-7b"
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +149,12 @@ def test_placement_is_the_cheapest_that_fits(llama2):
 
 
 def test_dry_run_prints_the_plan_of_the_7b_experiment_without_network_or_weights(capsys, tmp_path):
-    """``run(cfg)`` with ``dry_run=true`` (in-process; tests/test_scale_slow.py runs the same through the CLI)."""
-    from run import run
-
+    """``run(config)`` with ``dry_run=true`` (in-process; tests/test_scale_slow.py runs the same through the CLI)."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=tofu_llama2_7b", "dry_run=true",
                                                        "method.solver=direct", "memory.gpu_gb=141",
                                                        "memory.cpu_gb=512"])
-    info = run(cfg, tmp_path)
+    info = run(load_config(cfg), tmp_path)
     out = capsys.readouterr().out
     assert "K-FAC factors A + S, fp32, shared A once: 63.71 GB" in out
     assert "conf/fixtures/models/locuslab--tofu_ft_llama2-7b" in out and info["fits"]
@@ -169,12 +166,10 @@ def test_dry_run_prints_the_plan_of_the_7b_experiment_without_network_or_weights
 
 
 def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):
-    from run import run
-
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=hf", "model.path=org/not-here", "dry_run=true"])
     with pytest.raises(ConfigError, match=r"model.path='org/not-here': config not available offline"):
-        run(cfg, tmp_path)
+        run(load_config(cfg), tmp_path)
 
 
 @pytest.mark.parametrize(("field", "value"), [("gpu_gb", -1.0), ("offload", "tape"), ("layer_groups", 0)])

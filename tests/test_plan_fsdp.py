@@ -2,20 +2,19 @@
 direction and CG vectors, the factors by owner) against the same run on one process, and the Llama-3-70B plan on
 8 × 141 GB from its shipped config (offline, seconds)."""
 
-import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import composed
 from transformers import AutoConfig
 
 from kfade.curvature.config import DEFAULT_MODULES
 from kfade.curvature.owners import assign_owners
 from kfade.errors import ConfigError
+from kfade.pipeline import load_config, run
 from kfade.plan import GB, Placement, Workload, architecture, layer_rows, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def items(plan, prefix):
@@ -40,13 +39,9 @@ def test_fsdp_shards_the_copy_vectors_and_factors_per_rank():
 
 
 def plan_70b(*overrides):
-    from run import run
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=paper_wmdp_llama3_8b", "model=llama3_70b_instruct", "dry_run=true", "memory.gpu_gb=141",
-            "memory.cpu_gb=2000", "distributed.strategy=fsdp", "distributed.world_size=8", *overrides])
-    return run(cfg, Path("/nonexistent"))
+    cfg = composed("experiment=paper_wmdp_llama3_8b", "model=llama3_70b_instruct", "dry_run=true", "memory.gpu_gb=141",
+                   "memory.cpu_gb=2000", "distributed.strategy=fsdp", "distributed.world_size=8", *overrides)
+    return run(load_config(cfg), Path("/nonexistent"))
 
 
 def unsharded_step_peak(info):

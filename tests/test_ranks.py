@@ -1,13 +1,12 @@
 """torchrun support of the entry point: rank > 0 gets no run directory or log files of its own."""
 
-import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from kfade.pipeline.ranks import rank_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from ranks import rank_overrides  # noqa: E402
 
 
 def test_rank_zero_keeps_its_run_directory_and_others_write_nothing(monkeypatch):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from kfade.eval.report_plots import _set_scale
 from kfade.eval.tofu_logs import write_tofu_logs
+from kfade.report.plots import _set_scale
 
 CLI = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 REFERENCES = {"reference/forget_quality": 1e-5, "reference/model_utility": 0.62, "reference/kl_retrain/retain": 0.4,

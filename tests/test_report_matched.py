@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from kfade.eval.matched import (
+from kfade.report.matched import (
     LEVELS,
     MATCHED_METRICS,
     interpolate_at,
     matched_csv,
     matched_rows,
-    seed_spread,
-    seeds_markdown,
     variant,
 )
+from kfade.report.regimes import seed_spread, seeds_markdown
 
 CLI = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 

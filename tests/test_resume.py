@@ -3,6 +3,7 @@ ones; a run killed midway leaves no results the report would take for finished (
 
 import copy
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -19,8 +20,6 @@ from kfade.curvature.cg import conjugate_gradient
 from kfade.unlearn import UnlearnData, build_method
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import report  # noqa: E402
 
 
 class Interrupt(Exception):
@@ -119,6 +118,6 @@ def test_a_killed_run_leaves_no_results_and_the_report_lists_it_incomplete(tmp_p
     assert started and proc.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished or failed
     assert (killed / ".hydra" / "config.yaml").is_file()
     assert not (killed / "results.json").exists() and not (killed / "delta.safetensors").exists()
-    assert report.main([str(sweep)]) == 0
+    assert runpy.run_path(str(ROOT / "experiments" / "report.py"))["main"]([str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "- 1: incomplete: no results.json" in out and "grad_ascent" in out

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import run as entry  # experiments/run.py (conftest puts experiments/ on sys.path)
 from conftest import ROOT, file_digests, run_experiment
 
 from kfade.data.general_text import GeneralText
 from kfade.errors import ConfigError
+from kfade.pipeline import job
 
 # A model small and briefly trained enough for seconds-long runs; only the plumbing is under test here.
 FAST = ["model.spec.hidden_size=32", "model.spec.intermediate_size=64", "model.spec.num_hidden_layers=1",
@@ -120,7 +120,7 @@ def test_runs_never_write_the_source_model_or_the_cached_models(cache, tmp_path,
     def fail(*_):
         raise RuntimeError("killed mid-run")
 
-    monkeypatch.setattr(entry, "unlearn", fail)  # a run that dies after its models are loaded
+    monkeypatch.setattr(job, "unlearn", fail)  # a run that dies after its models are loaded
     with pytest.raises(RuntimeError):
         run_in_process(tmp_path / "c", *given)
     assert file_digests(models) == before

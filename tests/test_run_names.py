@@ -9,10 +9,9 @@ import torch
 
 from kfade.errors import ConfigError
 from kfade.models.load import resolve_device
+from kfade.pipeline.names import MAX_NAME, run_name, short_value
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from run_names import MAX_NAME, run_name, short_value  # noqa: E402
 
 
 def test_paths_become_a_stem_and_a_hash_and_secrets_are_dropped():

@@ -1,8 +1,9 @@
 """CPU-scale check (slow): a random ~100M-parameter Llama fitted with disk offload in layer groups equals the
 in-memory fit bit for bit, and the factor files hold exactly the bytes the dry-run plan (``kfade.plan``) stores."""
 
-import sys
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.plan import architecture, layer_rows
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_scale  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+bench_scale = SimpleNamespace(**runpy.run_path(str(BENCHMARKS / "bench_scale.py")))
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import math
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_runs_on_cpu_with_tiny(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gpu_check import main
+    main = runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"))["main"]
 
     assert main(["--tiny", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -100,9 +100,9 @@ def test_mean_answer_prob_is_the_mean_of_per_sequence_geometric_means(problem):
 
 @pytest.mark.parametrize("warm", [True, False])
 def test_each_step_warm_starts_from_the_previous_direction(problem, tmp_path, monkeypatch, warm):
-    import kfade.unlearn.kfade as kfade_module
+    import kfade.unlearn.solvers as solvers_module
 
-    starts, solve = [], kfade_module.conjugate_gradient
+    starts, solve = [], solvers_module.conjugate_gradient
 
     def recording(*args, x0=None, **kwargs):
         starts.append(x0)
@@ -110,7 +110,7 @@ def test_each_step_warm_starts_from_the_previous_direction(problem, tmp_path, mo
         starts.append(result.x)
         return result
 
-    monkeypatch.setattr(kfade_module, "conjugate_gradient", recording)
+    monkeypatch.setattr(solvers_module, "conjugate_gradient", recording)
     model, data = problem
     run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="fixed", step_size=1e-3,
         n_steps=2, cg_iters=2, cg_warm_start=warm)

@@ -13,14 +13,12 @@
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
 # From scratch the general text is only scored (that model never learnt it), so it fits on the QA sets alone.
 # Every run (and the reference models) is audited (eval.audits=$AUDITS: relearning, quantization, membership
-# inference, extraction; README: Audits); AUDITS="[]" skips them.
+# inference, extraction; docs/benchmarks.md); AUDITS="[]" skips them.
 # The sweeps run from one queue on two slots (one thread each), longest first; then report.py per regime
 # (matched.md/.csv, pareto.png) and report.py --regimes (regimes.md).
 #   experiments/sweeps/compare.sh [DIR] [extra Hydra overrides for every job…]     (DIR: multirun/compare/<date>)
 #   REGIMES="pretrained" experiments/sweeps/compare.sh …                           (one regime only)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
 export OMP_NUM_THREADS=1                     # two slots on two cores: more threads oversubscribe
 DIR=${1:-multirun/compare/$(date +%Y-%m-%d_%H-%M-%S)}

@@ -3,9 +3,7 @@
 # ascent, GradDiff, NPO and RMU on mini-TOFU forget10, every method stopped at the same forget P̄ (0.38), then the
 # table and Pareto plot. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
 #   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
 DIR=${1:-multirun/demo/$(date +%Y-%m-%d_%H-%M-%S)}
 TARGET=0.38

@@ -7,9 +7,7 @@
 # η ∈ {2.5e-3, 5e-3, 1.1e-2}; GA, GradDiff, NPO at TOFU's recipe (AdamW 1e-5; 5 / 5 / 10 epochs): 9 jobs per
 # split, 27 in all, one curvature fit per split (cached). On a SLURM cluster add hydra/launcher=slurm_gpu
 # hydra.launcher.partition=… (conf/hydra/launcher/slurm_gpu.yaml). Plan memory first: … dry_run=true.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 MODEL=${1:?usage: paper_tofu.sh llama2_7b|phi15 RETAIN_ROOT [SWEEP_DIR] [overrides…]}
 RETAIN_ROOT=${2:?give RETAIN_ROOT (its retain99 / retain95 / retain90 subdirectories)}
 DIR=${3:-multirun/paper_tofu_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}

@@ -6,9 +6,7 @@
 # the question files wmdp_bio.jsonl, wmdp_cyber.jsonl, mmlu.jsonl (or eval.lm_eval_data_dir=DIR for another dir).
 # Per corpus: K-FADE (EK-FAC fitted on wikitext, δ = 1e-8 absolute, one step) direct and CG at η ∈ {2.5e-3,
 # 5e-3, 1.1e-2}; RMU at its Zephyr defaults; GA one epoch at lr 1e-5: 8 jobs per corpus, 16 in all.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+source "$(dirname "$0")/_env.sh"
 MODEL=${1:?usage: paper_wmdp.sh zephyr|llama3_8b WMDP_DIR [SWEEP_DIR] [overrides…]}
 WMDP_DIR=${2:?give WMDP_DIR}
 DIR=${3:-multirun/paper_wmdp_$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}

@@ -90,7 +90,7 @@ class GaussNewton:
             raise ConfigError("batches", "labels", "no label tokens (all labels are -100 or padding)")
         self.compute_dtype = torch.promote_types(params[self.names[0]].dtype, torch.float32)
         if mode == "auto":
-            mode = "double_backward"  # faster than forward mode on the mini-TOFU model (README: Performance)
+            mode = "double_backward"  # faster than forward mode on the mini-TOFU model (docs/performance.md)
         if retain_graphs and mode != "double_backward":
             raise ConfigError("method.ggn_mode", mode, "retained graphs need mode double_backward")
         if mode == "forward" and checkpointing_active(model):

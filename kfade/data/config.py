@@ -31,6 +31,9 @@ class DatasetConfig:
             return ["retain", "real_authors", "world_facts"] + (["general"] if self.general else [])
         return ["retain"]
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         """Types and ranges (names against what exists: ``kfade.preflight``); ConfigError names the field."""
         require_range("dataset.batch_size", self.batch_size, 1)

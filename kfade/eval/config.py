@@ -32,6 +32,9 @@ class EvalConfig(LmEvalConfig):
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     mia: MiaConfig = field(default_factory=MiaConfig)
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         super().validate()
         require_range("eval.batch_size", self.batch_size, 1)

@@ -25,6 +25,9 @@ class ModelConfig:
     pretrain: TrainRecipe | None = None  # tiny model only: first pretrain a base on dataset.general, which
     #                                      `recipe` then finetunes into the reference and retrain models
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
         """Types and ranges of every field (the device against the machine: ``kfade.preflight``)."""
         require_one_of("model.dtype", self.dtype, sorted(DTYPES))

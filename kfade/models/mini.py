@@ -19,6 +19,7 @@ from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal, write
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.models.tiny import TinyLlamaSpec, tiny_llama_config, train_tokenizer
 from kfade.models.train import TrainRecipe, train_causal_lm
+from kfade.progress import library_bars, shown
 
 
 def mini_tokenizer(texts: Sequence[str], vocab_size: int) -> Path:
@@ -61,7 +62,7 @@ def trained_tiny_model(tag: str, tokenizer_dir: Path, qa_rows: Sequence[dict], t
         model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     rehearsal = [formatter.encode_text(t) for t in replay] if recipe.replay else []
     stats = train_causal_lm(model, features, pad_id(tokenizer), recipe, progress=progress, replay=rehearsal)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, library_bars(shown(progress)):  # "Writing model shards" only on a terminal
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_stats.json", {"tag": tag, **dataclasses.asdict(stats)})

@@ -4,9 +4,9 @@
 in place and returns its per-step (K-FADE) or per-epoch (baselines) history.
 """
 
-from kfade.unlearn.base import UnlearnData
+from kfade.unlearn.base import Method, UnlearnData
 from kfade.unlearn.delta import apply_delta, compute_delta, load_delta, save_delta
-from kfade.unlearn.registry import METHODS, build_method
+from kfade.unlearn.registry import METHODS, build_method, method_classes
 
-__all__ = ["METHODS", "UnlearnData", "apply_delta", "build_method", "compute_delta", "load_delta",
-           "save_delta"]
+__all__ = ["METHODS", "Method", "UnlearnData", "apply_delta", "build_method", "compute_delta", "load_delta",
+           "method_classes", "save_delta"]

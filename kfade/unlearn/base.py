@@ -1,4 +1,5 @@
-"""What every unlearning method shares: its input data, config validation, and parameter bookkeeping.
+"""What every unlearning method shares: the :class:`Method` protocol, its input data, config checks, and parameter
+bookkeeping.
 
 A method is a small class with one entry point, ``run(model, data, log=None) -> list[dict]``: it updates
 ``model`` in place (the caller passes a copy of the source model) and returns a per-step (or per-epoch)
@@ -10,9 +11,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from kfade.curvature.config import CurvatureConfig
 from kfade.data.formatting import IGNORE_INDEX
 from kfade.errors import ConfigError, require_one_of, require_range
 
@@ -59,6 +62,26 @@ class UnlearnData:
             self.fit_fingerprint = batches_fingerprint(self.fit)
         if self.kl_probe is None:
             self.kl_probe = self.retain[:KL_PROBE_BATCHES]
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What every unlearning method provides (``kfade.unlearn.METHODS``).
+
+    ``cfg``: its validated config dataclass (``hp/…`` in results.json). ``uses_curvature``: whether it fits a
+    curvature, and so is built with a ``CurvatureConfig`` (``curvature_cfg``; None for the others). ``timings``: wall
+    seconds of the last ``run``, ``unlearn_s`` (the steps or epochs) and, with a curvature, ``fit_s`` (fit or cache
+    load).
+    """
+
+    uses_curvature: ClassVar[bool]
+    cfg: object
+    curvature_cfg: CurvatureConfig | None
+    timings: dict[str, float]
+
+    def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
+        """Update ``model`` in place; the per-step (or per-epoch) history, each record also passed to ``log``."""
+        ...
 
 
 def require_positive(cfg, *names: str) -> None:

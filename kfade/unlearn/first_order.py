@@ -70,10 +70,11 @@ class FirstOrderMethod:
     ``timings["unlearn_s"]``: wall time of the whole run.
     """
 
+    uses_curvature = False
+    curvature_cfg = None
     retain_weight_field: str | None = None  # config field that makes the method need retain batches
 
     def __init__(self, cfg: FirstOrderConfig, progress: bool = False):
-        cfg.validate()
         self.cfg, self.progress = cfg, progress
         self.timings: dict[str, float] = {}
 

@@ -4,40 +4,18 @@ Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradi
 set at the current weights and G the retain-set Gauss-Newton matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean
 per-token KL(p_θ ‖ p_θ+Δ), nats). Ĝ, the fitted curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on
 ``data.fit`` at the starting weights (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps
-reuse it). The direction p comes from a solver:
-
-- ``direct`` (the paper's K-FAC step): p = (Ĝ + δI)⁻¹∇L_f, δ the curvature's damping.
-- ``cg``: p = ``cg_iters`` iterations of preconditioned conjugate gradients on (G + λI)p = ∇L_f with the *exact*
-  G (matrix-free products on the fitting batches, re-linearised at the current weights each step) and the
-  preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
-  Each step warm-starts from the previous step's p (``cg_warm_start``); from 0, the first iterate is the
-  preconditioned gradient M∇L_f, the direct step's direction with δ + λ. With ``cg_checkpoint`` each PCG
-  iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting weights, data, both configs)
-  and the same run started again after a crash resumes there and ends bit-equal; removed when the run ends.
-  The PCG vectors are kept in ``cg_dtype`` (bfloat16 halves them; dot products stay fp64) and, with
-  ``cg_offload=cpu``, in host memory: only the vector of a product or a preconditioning visits the device.
-
-Step rules (η):
-- ``fixed``: η = ``step_size``.
-- ``normalized``: η = ``step_size`` / ‖p‖₂, so ‖Δ‖₂ = ``step_size`` over the covered parameters.
-- ``trust_region``: η = sqrt(2ε / gᵀp), ε = ``kl_budget``: ½Δᵀ(G+λI)Δ = ε with the solver's G (Ĝ for direct),
-  since gᵀp = pᵀ(G+λI)p for an exact solve. With ``max_backtracks`` > 0 the step is also checked against the
-  *measured* KL on the check batches (training batches of the fitting set, never an eval set): while the KL from
-  the starting model exceeds ``step × kl_budget``, η is halved (a block-diagonal Ĝ can under-predict the KL of
-  its own direction 10–10⁴×).
-- ``target_forget``: η such that the forget-set P̄ (TOFU's ``forget/prob``) after this step is
-  P̄·(target/P̄)^(1/r), P̄ the current value and r the steps left, so ``target_forget_prob`` is reached after the
-  last step: found by a log-scale bisection on η along p (``kfade.unlearn.step_search``; the evaluations are
-  logged). Compares methods at matched forgetting. A start already at or below the target takes no step
-  (``skipped`` in the step-0 record).
+reuse it). A step is: forget gradient → direction p (``solver``: direct or cg, ``kfade.unlearn.solvers``) → η
+(``step_rule``: fixed, normalized, trust_region or target_forget, ``kfade.unlearn.step_rules``) → apply Δ → check.
+With ``cg_checkpoint`` each PCG iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting
+weights, data, both configs) and the same run started again after a crash resumes there and ends bit-equal;
+removed when the run ends.
 
 Quadratic-regime safeguard (``max_kl_ratio``): a Gauss-Newton step is only trusted where the quadratic model
 holds. After each step the mean per-token KL from the step's start is measured on ``check_batches`` training
 batches of the fitting set and compared with ½ΔᵀGΔ of the *exact* G on the same batches at the step's start (one
 GGN product per step). If measured / predicted lies outside [1/``max_kl_ratio``, ``max_kl_ratio``] (a KL growing
-faster than quadratic, or saturating), the step is undone and split: one more step
-is planned (``n_steps`` is the minimum, ``max_steps`` the cap) and this one is shortened — target_forget aims at
-the nearer P̄ of the longer schedule along the same direction, the other rules halve η — then the next step
+faster than quadratic, or saturating), the step is undone and split: one more step is planned (``n_steps`` is the
+minimum, ``max_steps`` the cap) and this one is shortened (``StepRule.shorter``), then the next step
 re-linearises at its own weights. Each split is logged (``split/…`` records; ``splits`` in the step's record).
 """
 
@@ -47,19 +25,17 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kfade import fsdp
 from kfade.cache import cache_dir, fingerprint
 from kfade.curvature import Curvature, CurvatureConfig, load_or_fit, model_fingerprint
-from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.config import DAMPING_MODES
 from kfade.curvature.ggn import MODES as GGN_MODES
-from kfade.curvature.sharded_ggn import gauss_newton
 from kfade.data.formatting import evenly_spaced
 from kfade.errors import ConfigError
 from kfade.unlearn.base import (
@@ -76,15 +52,16 @@ from kfade.unlearn.base import (
 )
 from kfade.unlearn.delta import apply_delta
 from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_scores
-from kfade.unlearn.step_search import eta_for_forget_prob
+from kfade.unlearn.quadratic_check import QuadraticCheck
+from kfade.unlearn.solvers import SOLVERS
+from kfade.unlearn.step_rules import STEP_RULES, squared_norm
 
-STEP_RULES = ("fixed", "normalized", "trust_region", "target_forget")
-SOLVERS = ("direct", "cg")
 CG_DAMPING_MODES = ("absolute", "relative")
 CG_DTYPES = ("float32", "bfloat16")  # the PCG vectors' dtype (dot products are fp64 either way)
 CG_OFFLOADS = ("none", "cpu")  # where the PCG vectors live: with the model, or in host memory
-SEARCH_START_KL = 0.01  # target_forget starts its η search at the trust-region η of this many nats
 TINY_KL = 1e-12  # predicted KLs below this count as this (a zero step has no ratio)
+
+Vector = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -93,7 +70,7 @@ class KFadeConfig:
 
     name: str = "kfade"  # method name (registry key)
     solver: str = "cg"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
-    step_rule: str = "target_forget"  # fixed | normalized | trust_region | target_forget (module docstring)
+    step_rule: str = "target_forget"  # fixed | normalized | trust_region | target_forget (kfade.unlearn.step_rules)
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
@@ -104,7 +81,7 @@ class KFadeConfig:
     max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
     damping: float | None = None  # δ override (absolute) or α (relative, global); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative | global override; None → the curvature config's
-    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; README: measured)
+    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; docs/results.md)
     cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
@@ -121,8 +98,8 @@ class KFadeConfig:
         self.validate()
 
     def validate(self) -> None:
-        require_choice(self, "solver", SOLVERS)
-        require_choice(self, "step_rule", STEP_RULES)
+        require_choice(self, "solver", list(SOLVERS))
+        require_choice(self, "step_rule", list(STEP_RULES))
         require_choice(self, "cg_damping_mode", CG_DAMPING_MODES)
         require_choice(self, "cg_dtype", CG_DTYPES)
         require_choice(self, "cg_offload", CG_OFFLOADS)
@@ -147,30 +124,33 @@ class KFadeConfig:
             require_choice(self, "damping_mode", DAMPING_MODES)
 
 
-def vector_dtype(gradient: torch.dtype, cg_dtype: str) -> torch.dtype:
-    """The PCG vectors' dtype: bfloat16, or ``float32`` meaning fp32 or the gradient's dtype when wider (fp64)."""
-    return torch.bfloat16 if cg_dtype == "bfloat16" else torch.promote_types(gradient, torch.float32)
+
+@dataclass
+class Step:
+    """One step in the making: its number, the steps planned, the forget gradient and P̄ at its start, the weights
+    to roll back to, its history record, and once found its direction p and update Δ."""
+
+    number: int
+    plan: int
+    grads: Vector
+    prob: float
+    saved: Vector
+    record: dict
+    direction: Vector | None = None
+    delta: Vector | None = None
 
 
-def squared_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return dot(tensors, tensors)
+@dataclass
+class Context:
+    """What every step of one run shares."""
 
-
-class QuadraticCheck:
-    """Measured against predicted KL of a step on a few training batches of the fitting set.
-
-    Built at the step's start: caches those batches' logits (the measured KL's reference) and one exact GGN product
-    G·p for the step's direction p, so any step Δ = η·p has ½ΔᵀGΔ = ½η²·pᵀGp without another product.
-    """
-
-    def __init__(self, model: torch.nn.Module, batches: list, direction: dict[str, torch.Tensor], mode: str):
-        self.probe = RetainKLProbe(model, batches)
-        ggn = gauss_newton(model, batches, list(direction), mode=mode)
-        self.curvature = dot(direction, ggn(direction))  # pᵀGp, nats per token per unit η²
-
-    def __call__(self, model: torch.nn.Module, eta: float) -> tuple[float, float]:
-        """(measured KL from the step's start, predicted ½η²pᵀGp), nats per token."""
-        return self.probe(model), 0.5 * eta**2 * self.curvature
+    model: torch.nn.Module
+    curvature: Curvature
+    data: UnlearnData
+    emit: LogFn
+    checkpoints: Path | None  # where the solver saves its state (None: nowhere)
+    start_probe: Callable[[torch.nn.Module], float] | None  # KL from the run's start on the check batches
+    warm_start: Vector | None = None  # the previous step's direction
 
 
 class KFade:
@@ -196,144 +176,16 @@ class KFade:
 
     def __init__(self, cfg: KFadeConfig, curvature: CurvatureConfig | None = None,
                  cache_root: str | Path | None = None, progress: bool = False):
-        cfg.validate()
         self.cfg, self.progress = cfg, progress
         self.curvature_cfg = curvature if curvature is not None else CurvatureConfig()
         self.timings: dict[str, float] = {}
         self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "curvature"
-
-    def on_host(self) -> bool:
-        """With ``cg_offload=cpu`` the forget gradient and the direction live in host memory beside the PCG vectors
-        (each is moved to the device a layer or a product at a time)."""
-        return self.cfg.solver == "cg" and self.cfg.cg_offload == "cpu"
+        self.solver = SOLVERS[cfg.solver](cfg, seed=self.curvature_cfg.seed, progress=progress)
+        self.rule = STEP_RULES[cfg.step_rule](cfg)
 
     def forget_gradient(self, model, batches, names):
         grads, scores = forget_gradient(model, batches, names, self.progress)
-        return ({n: g.to("cpu") for n, g in grads.items()} if self.on_host() else grads), scores
-
-    def eta(self, grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], kl_budget: float) -> float:
-        """η of the fixed / normalized / trust-region rules (trust region: ½ηpᵀ(G+λI)ηp = ``kl_budget``)."""
-        rule = self.cfg.step_rule
-        if rule == "fixed":
-            return self.cfg.step_size
-        if rule == "normalized":
-            return self.cfg.step_size / math.sqrt(squared_norm(direction))
-        return math.sqrt(2 * kl_budget / dot(grads, direction))
-
-    def solve(self, model: torch.nn.Module, curvature: Curvature, grads: dict[str, torch.Tensor],
-              data: UnlearnData, step: int, warm_start: dict[str, torch.Tensor] | None,
-              emit: LogFn, checkpoints: Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-        """The step's direction p and what to log about it (see the module docstring for the solvers)."""
-        cfg = self.cfg
-        if cfg.solver == "direct":
-            return curvature.precondition(grads, damping=cfg.damping, damping_mode=cfg.damping_mode), {}
-        ggn = gauss_newton(model, evenly_spaced(data.fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
-                           retain_graphs=cfg.cg_retain_graphs)
-        lam = cfg.cg_damping
-        if cfg.cg_damping_mode == "relative":
-            scale = curvature.mean_eigenvalue()
-            lam *= scale if scale is not None else ggn.mean_eigenvalue(seed=self.curvature_cfg.seed)
-
-        device = next(model.parameters()).device
-        placed = {n: g.to("cpu" if self.on_host() else g.device, vector_dtype(g.dtype, cfg.cg_dtype))
-                  for n, g in grads.items()}  # b, and so every PCG vector
-
-        def precondition(v):  # one layer at a time on the device, in fp32 or wider
-            out = {}
-            for spec in curvature.layers:
-                layer = {n: v[n].to(device, torch.promote_types(v[n].dtype, torch.float32)) for n in spec.param_names}
-                out |= {n: t.to(v[n]) for n, t in curvature.precondition(
-                    layer, damping=cfg.damping, damping_mode=cfg.damping_mode, shift=lam).items()}
-            return out
-
-        bar = tqdm(total=cfg.cg_iters, desc=f"CG, step {step}", leave=False, disable=not self.progress)
-
-        def log_iteration(iteration: int, residual: float) -> None:
-            bar.update()
-            bar.set_postfix(residual=f"{residual:.3g}")
-            emit({"cg/step": step, "cg/iteration": iteration, "cg/residual": residual})
-
-        with bar:
-            result: CGResult = conjugate_gradient(ggn, placed, damping=lam, precondition=precondition,
-                                                  max_iters=cfg.cg_iters, tol=cfg.cg_tol, x0=warm_start,
-                                                  callback=log_iteration, key=f"step{step}:{lam!r}",
-                                                  checkpoint=checkpoints and checkpoints / f"step{step}.safetensors")
-        direction = {n: result.x[n].to(g) for n, g in grads.items()}
-        return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
-                           "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
-
-    def step_eta(self, model, grads, direction, data, prob: float, steps_left: int) -> tuple[float, dict]:
-        """η of this step (and what to log about choosing it); target_forget aims at P̄·(target/P̄)^(1/steps_left)."""
-        if self.cfg.step_rule != "target_forget":
-            return self.eta(grads, direction, self.cfg.kl_budget), {}
-        target = prob * (self.cfg.target_forget_prob / prob) ** (1 / steps_left)
-        search = eta_for_forget_prob(model, direction, data.forget, target,
-                                     self.eta(grads, direction, SEARCH_START_KL))
-        return search.eta, {"forget_evals": search.evaluations}
-
-    def apply_checked(self, model, direction, eta, saved, start_probe, step) -> tuple[dict, int, str | None]:
-        """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured KL budget on the check
-        batches (KL from the run's start). Returns (Δ, number of halvings, problem): ``problem`` names a non-finite
-        Δ, which is then not applied; else None."""
-        backtracks = self.cfg.max_backtracks if self.cfg.step_rule == "trust_region" else 0
-        for halvings in range(backtracks + 1):
-            delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
-            problem = non_finite("step delta", delta)
-            if problem is not None:
-                return delta, halvings, problem
-            apply_delta(model, delta)
-            if halvings == backtracks or start_probe(model) <= step * self.cfg.kl_budget:
-                return delta, halvings, None
-            restore(model, saved)
-        raise AssertionError("unreachable")
-
-    def step(self, model, curvature, grads, data, step, previous, emit, checkpoints, saved, start_probe,
-             prob: float, plan: int) -> tuple[dict, dict | None, dict | None, int, str | None]:
-        """Solve for the direction, choose η, apply Δ and split it while it leaves the quadratic regime:
-        ``(record, direction, Δ, planned steps, problem)``; ``problem`` names the first non-finite quantity
-        (forget gradient, CG residual, direction, Δ) and its layer, else None (then Δ is applied)."""
-        cfg = self.cfg
-        record = {"step": step}
-        problem = non_finite("forget gradient", grads)
-        if problem is not None:
-            return record, None, None, plan, problem
-        direction, solved = self.solve(model, curvature, grads, data, step, previous, emit, checkpoints)
-        record |= solved
-        if solved.get("cg_stop") == "non_finite":
-            return record, None, None, plan, f"non-finite CG residual after {solved['cg_iters']} iterations"
-        problem = non_finite("step direction", direction)
-        if problem is not None:
-            return record, None, None, plan, problem
-        check = None
-        if cfg.max_kl_ratio is not None:
-            check = QuadraticCheck(model, evenly_spaced(data.fit, cfg.check_batches), direction, cfg.ggn_mode)
-        splits = 0
-        eta, chosen = self.step_eta(model, grads, direction, data, prob, plan - step + 1)
-        while True:
-            delta, halvings, problem = self.apply_checked(model, direction, eta, saved, start_probe, step)
-            if problem is not None:
-                return record, direction, delta, plan, problem
-            eta_taken = eta / 2**halvings
-            if check is None:
-                break
-            measured, predicted = check(model, eta_taken)
-            ratio = measured / max(predicted, TINY_KL)
-            record |= {"check_kl": measured, "check_predicted_kl": predicted, "kl_ratio": ratio}
-            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or plan >= cfg.max_steps:
-                break
-            restore(model, saved)  # undo; one more step, this one shorter
-            plan, splits = plan + 1, splits + 1
-            emit({"split/step": step, "split/kl_ratio": ratio, "split/steps": plan})
-            if cfg.step_rule == "target_forget":
-                eta, chosen = self.step_eta(model, grads, direction, data, prob, plan - step + 1)
-            else:
-                eta = eta_taken / 2
-        record |= chosen | {"eta": eta_taken, "step_norm": math.sqrt(squared_norm(delta))}
-        if halvings:
-            record["backtracks"] = halvings
-        if check is not None:
-            record["splits"] = splits
-        return record, direction, delta, plan, None
+        return ({n: g.to("cpu") for n, g in grads.items()} if self.solver.on_host else grads), scores
 
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
@@ -347,50 +199,113 @@ class KFade:
         start = time.perf_counter()
         cfg, names = self.cfg, curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
-        start_probe = (RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches))  # trust region's budget
-                       if cfg.step_rule == "trust_region" and cfg.max_backtracks else None)
+        start_probe = RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches)) if self.rule.backtracks else None
         grads, scores = self.forget_gradient(model, data.forget, names)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
                     "zero_eigenvalues": curvature.zero_eigenvalues()}]
-        target = cfg.target_forget_prob if cfg.step_rule == "target_forget" else None
-        if (skipped := target_reached_at_start(scores.prob, target)) is not None:
+        if (skipped := target_reached_at_start(scores.prob, self.rule.target)) is not None:
             history[0]["skipped"] = skipped
         emit(history[-1])
-        previous, plan, step = None, cfg.n_steps, 0
-        checkpoints = self.checkpoint_dir(model, data) if cfg.solver == "cg" and cfg.cg_checkpoint else None
+        checkpoints = self.checkpoint_dir(model, data) if self.solver.checkpointed else None
         if checkpoints is not None and fsdp.is_sharded(model):
             warnings.warn("method.cg_checkpoint=true: no PCG checkpoints under distributed.strategy=fsdp (the vectors "
                           "are sharded); a restarted run solves from the start", stacklevel=2)
             checkpoints = None
-        while step < plan and "skipped" not in history[0]:
-            step += 1
-            saved = snapshot(model, names)
-            record, direction, delta, plan, problem = self.step(
-                model, curvature, grads, data, step, previous, emit, checkpoints, saved, start_probe, scores.prob,
-                plan)
+        run = Context(model, curvature, data, emit, checkpoints, start_probe)
+        plan, number = cfg.n_steps, 0
+        while number < plan and "skipped" not in history[0]:
+            number += 1
+            step = Step(number, plan, grads, scores.prob, snapshot(model, names), {"step": number})
+            problem = self.direction(run, step)  # forget gradient → direction
             if problem is None:
-                last = step == plan
-                grads, scores = ((None, forget_scores(model, data.forget)) if last
+                problem = self.take(run, step)  # → η → apply → check
+            plan = step.plan
+            if problem is None:
+                grads, scores = ((None, forget_scores(model, data.forget)) if number == plan
                                  else self.forget_gradient(model, data.forget, names))
                 if not math.isfinite(scores.nll):
                     problem = "non-finite forget loss (logits) after the step"
             if problem is not None:
-                restore(model, saved)
-                record["rejected"] = f"{problem}; weights rolled back"
-                warnings.warn(f"K-FADE step {step} rejected: {problem}; weights rolled back to before the step, "
+                restore(model, step.saved)
+                step.record["rejected"] = f"{problem}; weights rolled back"
+                warnings.warn(f"K-FADE step {number} rejected: {problem}; weights rolled back to before the step, "
                               "stopping", stacklevel=2)
-                history.append(record)
-                emit(record)
+                history.append(step.record)
+                emit(step.record)
                 break
-            record.update(forget_nll=scores.nll, forget_prob=scores.prob, retain_kl=probe(model),
-                          predicted_kl=curvature.predicted_kl(delta))
-            history.append(record)
-            emit(record)
-            previous = direction if cfg.cg_warm_start else None
+            step.record.update(forget_nll=scores.nll, forget_prob=scores.prob, retain_kl=probe(model),
+                               predicted_kl=curvature.predicted_kl(step.delta))
+            history.append(step.record)
+            emit(step.record)
+            run.warm_start = step.direction if cfg.cg_warm_start else None
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         self.timings["unlearn_s"] = time.perf_counter() - start
         return history
+
+    def direction(self, run: Context, step: Step) -> str | None:
+        """The step's direction p from its forget gradient (``step.direction``, the solver's record in
+        ``step.record``); returns the first non-finite quantity (gradient, CG residual, direction), else None."""
+        problem = non_finite("forget gradient", step.grads)
+        if problem is not None:
+            return problem
+        step.direction, solved = self.solver.solve(run.model, run.curvature, step.grads, run.data.fit, step.number,
+                                                   run.warm_start, run.emit, run.checkpoints)
+        step.record |= solved
+        if solved.get("cg_stop") == "non_finite":
+            return f"non-finite CG residual after {solved['cg_iters']} iterations"
+        return non_finite("step direction", step.direction)
+
+    def take(self, run: Context, step: Step) -> str | None:
+        """Choose η, apply Δ = η·p (``step.delta``) and split the step while it leaves the quadratic regime (more
+        steps planned in ``step.plan``); returns the non-finite quantity (Δ) that stopped it, else None."""
+        cfg, model, forget = self.cfg, run.model, run.data.forget
+        check = None
+        if cfg.max_kl_ratio is not None:
+            check = QuadraticCheck(model, evenly_spaced(run.data.fit, cfg.check_batches), step.direction, cfg.ggn_mode)
+        splits = 0
+        eta, chosen = self.rule.eta(model, step.grads, step.direction, forget, step.prob, step.plan - step.number + 1)
+        while True:
+            delta, halvings, problem = self.apply_checked(model, step.direction, eta, step.saved, run.start_probe,
+                                                          step.number)
+            if problem is not None:
+                return problem
+            eta_taken = eta / 2**halvings
+            if check is None:
+                break
+            measured, predicted = check(model, eta_taken)
+            ratio = measured / max(predicted, TINY_KL)
+            step.record |= {"check_kl": measured, "check_predicted_kl": predicted, "kl_ratio": ratio}
+            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or step.plan >= cfg.max_steps:
+                break
+            restore(model, step.saved)  # undo; one more step, this one shorter
+            step.plan, splits = step.plan + 1, splits + 1
+            run.emit({"split/step": step.number, "split/kl_ratio": ratio, "split/steps": step.plan})
+            eta, chosen = self.rule.shorter(model, step.grads, step.direction, forget, step.prob,
+                                            step.plan - step.number + 1, eta_taken)
+        step.delta = delta
+        step.record |= chosen | {"eta": eta_taken, "step_norm": math.sqrt(squared_norm(delta))}
+        if halvings:
+            step.record["backtracks"] = halvings
+        if check is not None:
+            step.record["splits"] = splits
+        return None
+
+    def apply_checked(self, model, direction, eta, saved, start_probe, step) -> tuple[dict, int, str | None]:
+        """Apply Δ = η·direction, halving η while a trust-region step overshoots the measured KL budget on the check
+        batches (KL from the run's start). Returns (Δ, number of halvings, problem): ``problem`` names a non-finite
+        Δ, which is then not applied; else None."""
+        backtracks = self.rule.backtracks
+        for halvings in range(backtracks + 1):
+            delta = {n: (eta / 2**halvings) * d for n, d in direction.items()}
+            problem = non_finite("step delta", delta)
+            if problem is not None:
+                return delta, halvings, problem
+            apply_delta(model, delta)
+            if halvings == backtracks or start_probe(model) <= step * self.cfg.kl_budget:
+                return delta, halvings, None
+            restore(model, saved)
+        raise AssertionError("unreachable")
 
     def checkpoint_dir(self, model: torch.nn.Module, data: UnlearnData) -> Path:
         """Where this run's PCG states go: keyed by the starting weights, the data and every setting, so only the

@@ -50,6 +50,13 @@ class RMUConfig(FirstOrderConfig):
             except re.error as e:
                 raise ConfigError("method.param_regex", self.param_regex, f"invalid regex: {e}") from None
 
+    def param_pattern(self) -> str:
+        """The updated parameters' name regex: ``param_regex``, or the MLP ``down_proj`` of layers layer−2 … layer."""
+        if self.param_regex:
+            return self.param_regex
+        layers = "|".join(str(i) for i in range(max(self.layer - 2, 0), self.layer + 1))
+        return rf"(^|\.)layers\.({layers})\.mlp\.down_proj\.weight$"
+
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a Hugging Face causal LM (``model.model.layers`` for Llama/Mistral)."""
@@ -76,12 +83,8 @@ class RMU(FirstOrderMethod):
 
     retain_weight_field = "alpha"
 
-    def default_regex(self) -> str:
-        layers = "|".join(str(i) for i in range(max(self.cfg.layer - 2, 0), self.cfg.layer + 1))
-        return rf"(^|\.)layers\.({layers})\.mlp\.down_proj\.weight$"
-
     def trainable(self, model: torch.nn.Module) -> list[str]:
-        regex = self.cfg.param_regex or self.default_regex()
+        regex = self.cfg.param_pattern()
         names = [n for n, _ in model.named_parameters() if re.search(regex, n)]
         if not names:
             raise ConfigError("method.param_regex", regex, "matches no parameter of the model")

@@ -2,8 +2,9 @@
 
 The architecture comes from ``model.path``'s config.json (a local dir, the Hugging Face cache, or the shipped
 fixture ``conf/fixtures/models/<org>--<name>/`` when the Hub id is not available offline), built on the meta
-device; the arithmetic is ``kfade.plan``. ``placement_fields(cfg)`` gives the resolved factor placement as the
-``CurvatureConfig`` fields of the same names.
+device; the arithmetic is ``kfade.plan``. ``placement_fields(config)`` gives the resolved factor placement as the
+``CurvatureConfig`` fields of the same names; ``planned_curvature(config)`` the curvature config a real run builds
+its method with.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
-from schema import ModelConfig, typed
 from transformers import LlamaConfig
 
 from kfade.curvature import CurvatureConfig
-from kfade.distributed import DistributedConfig
+from kfade.models.config import ModelConfig
+from kfade.pipeline.config import RunConfig
 from kfade.plan import (
     GB,
     Architecture,
@@ -36,7 +36,7 @@ from kfade.plan import (
 from kfade.plan.memory import PHASES
 from kfade.suites.models import is_log_dir
 
-FIXTURES = Path(__file__).resolve().parent.parent / "conf" / "fixtures" / "models"
+FIXTURES = Path(__file__).resolve().parents[2] / "conf" / "fixtures" / "models"
 FIRST_ORDER = ("grad_ascent", "grad_diff", "npo", "rmu")
 
 
@@ -86,69 +86,65 @@ def budgets(memory: MemoryConfig, device: str) -> tuple[float | None, float, str
     return gpu, cpu, f"gpu {src}, cpu {'memory.cpu_gb' if memory.cpu_gb is not None else 'this machine'}"
 
 
-def workload(cfg: DictConfig, model: ModelConfig, device: str, method, arch: Architecture,
-             parallel: DistributedConfig | None = None) -> Workload:
-    """What the run holds (experiments/run.py and the suites): the reference, the retrain model(s) when loaded as
+def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architecture) -> Workload:
+    """What the run holds (kfade.pipeline.job and the suites): the reference, the retrain model(s) when loaded as
     models, the method's copy and frozen reference; the pre-step copy of the weights in host memory."""
-    name = cfg.method.name
+    name, method = config.method_name, config.method
     copies = ["reference"]
     if model.path is None or (model.retrain_path and not is_log_dir(model.retrain_path)):
-        copies += ["retrain model"] + (["noise-floor retrain model"] if cfg.noise_floor else [])
+        copies += ["retrain model"] + (["noise-floor retrain model"] if config.options.noise_floor else [])
     if name != "none":
         copies.append("unlearned copy")
-    frozen = (name == "rmu" and method.cfg.alpha > 0) or (
-        name == "grad_diff" and method.cfg.retain_loss == "kl" and method.cfg.retain_weight > 0)
+    frozen = (name == "rmu" and method.alpha > 0) or (
+        name == "grad_diff" and method.retain_loss == "kl" and method.retain_weight > 0)
     if frozen:
         copies.append(f"frozen reference ({name})")
     trained = None
     if name == "rmu":
-        regex = re.compile(method.cfg.param_regex or method.default_regex())
+        regex = re.compile(method.param_pattern())
         trained = sum(s.out_features * s.in_features for s in arch.layers if regex.search(s.weight))
     kind = "kfade" if name == "kfade" else "first_order" if name in FIRST_ORDER else "none"
-    return Workload(method=kind, estimator=cfg.curvature.estimator, solver=cfg.method.get("solver", "direct"),
-                    cg_dtype=cfg.method.get("cg_dtype", "float32"), cg_offload=cfg.method.get("cg_offload", "none"),
-                    model_dtype=model.dtype, device=device, batch_size=int(cfg.dataset.batch_size),
-                    max_length=int(cfg.dataset.max_length), mc_samples=int(cfg.curvature.get("mc_samples", 1)),
+    return Workload(method=kind, estimator=config.curvature.estimator, solver=getattr(method, "solver", "direct"),
+                    cg_dtype=getattr(method, "cg_dtype", "float32"), cg_offload=getattr(method, "cg_offload", "none"),
+                    model_dtype=model.dtype, device=device, batch_size=config.dataset.batch_size,
+                    max_length=config.dataset.max_length, mc_samples=config.curvature.mc_samples,
                     weight_copies=tuple(copies), trained_params=trained,
                     host_weight_copies=("pre-step copy (run.py)",) if name != "none" else (),
-                    world_size=parallel.planned_world() if parallel else 1,
-                    strategy=parallel.strategy if parallel else "replicate")
+                    world_size=config.distributed.planned_world(), strategy=config.distributed.strategy)
 
 
-def plan_run(cfg: DictConfig, method=None) -> dict:
+def plan_run(config: RunConfig) -> dict:
     """Everything the printed plan shows (``placement``, ``plan``, ``fits``, budgets, architecture, notes)."""
-    model = typed(cfg.model, ModelConfig, "model")
-    memory = typed(cfg.memory, MemoryConfig, "memory")
+    model, memory = config.model_given, config.memory
     device, notes = planned_device(model.device, model.dtype)
-    arch, source = model_architecture(model, cfg.curvature.modules)
+    arch, source = model_architecture(model, config.curvature.modules)
     if not arch.shared_inputs_found:
         notes.append("shared inputs could not be traced: every layer's A factor is counted")
-    parallel = typed(cfg.get("distributed", {}), DistributedConfig, "distributed")
-    work = workload(cfg, model, device, method, arch, parallel)
+    work = workload(config, model, device, arch)
     gpu, cpu, budget_source = budgets(memory, device)
     if work.world_size > 1:  # the ranks of one node share its host memory
         cpu /= work.world_size
         budget_source += f"; host memory / {work.world_size} ranks"
     placement, plan, fits = resolve_placement(
-        arch, work, memory, factor_dtype=cfg.curvature.get("factor_dtype", "float32"), device_budget=gpu,
-        cpu_budget=cpu, checkpoint_every=cfg.curvature.get("checkpoint_every"))
+        arch, work, memory, factor_dtype=config.curvature.factor_dtype, device_budget=gpu,
+        cpu_budget=cpu, checkpoint_every=config.curvature.checkpoint_every)
     return {"model": model, "source": source, "arch": arch, "workload": work, "placement": placement,
             "plan": plan, "fits": fits, "gpu": gpu, "cpu": cpu, "budget_source": budget_source, "notes": notes,
             "memory": memory}
 
 
-def placement_fields(cfg: DictConfig, method=None) -> dict:
+def placement_fields(config: RunConfig) -> dict:
     """The resolved placement as ``CurvatureConfig`` fields: ``dataclasses.replace(curvature, **this)``."""
-    return vars(plan_run(cfg, method)["placement"]).copy()
+    return vars(plan_run(config)["placement"]).copy()
 
 
-def planned_curvature(cfg: DictConfig, method) -> CurvatureConfig:
-    """K-FADE's curvature config placed by the plan (``memory.*``: offload and layer groups where the factors do
+def planned_curvature(config: RunConfig) -> CurvatureConfig:
+    """The run's curvature config placed by the plan (``memory.*``: offload and layer groups where the factors do
     not fit); a placement chosen in ``curvature.offload`` / ``curvature.layer_groups`` is kept as given."""
-    curvature = method.curvature_cfg
+    curvature = config.curvature
     if curvature.offload != "none" or curvature.layer_groups != 1:
         return curvature
-    return dataclasses.replace(curvature, **placement_fields(cfg, method))
+    return dataclasses.replace(curvature, **placement_fields(config))
 
 
 def _gb(n: float) -> str:
@@ -173,13 +169,13 @@ def _layer_table(arch: Architecture, estimator: str, factor_bytes: int) -> list[
     return lines
 
 
-def print_plan(cfg: DictConfig, method=None) -> dict:
+def print_plan(config: RunConfig) -> dict:
     """Print the plan; the last line is ``total peak: <X> GB on <device>, <Y> GB on cpu``."""
-    info = plan_run(cfg, method)
+    info = plan_run(config)
     arch, work, placement, plan = info["arch"], info["workload"], info["placement"], info["plan"]
     fb = 2 if placement.factor_dtype == "bfloat16" else 4
     print(f"plan: model={info['model'].path or 'tiny'} (config: {info['source']}), {arch.model_type}, "
-          f"{arch.n_params / 1e9:.3g}B parameters, {work.model_dtype} on {work.device}; method={cfg.method.name}"
+          f"{arch.n_params / 1e9:.3g}B parameters, {work.model_dtype} on {work.device}; method={config.method_name}"
           + (f" ({work.solver}), curvature={work.estimator}" if work.method == "kfade" else ""))
     for note in info["notes"]:
         print(f"note: {note}")

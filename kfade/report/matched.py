@@ -14,10 +14,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections import defaultdict
 
 from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
+from kfade.report.numbers import number as _number
 
 LEVELS = (0.62, 0.38, 0.10)
 RETRAIN_LEVEL = "retrain"  # the level at the retrain model's own forget P̄
@@ -25,7 +25,6 @@ MATCHED_METRICS = ("kl_reference/retain", "kl_retrain/retain", "kl_retrain/forge
                    "forget_quality", "time/unlearn_s")
 GENERAL_METRICS = ("kl_reference/general", "general/ppl")  # with dataset.general only: columns shown when present
 OPTIONAL_METRICS = GENERAL_METRICS + AUDIT_KEYS  # audits (eval.audits) too: columns shown when present
-REGIME_METRICS = ("kl_reference/retain", "kl_reference/general", "model_utility", "forget_quality", "time/unlearn_s")
 PROB_KEY = "forget/prob"
 MATCH_TOLERANCE = 0.01  # |log(P̄ / L)| at which a run counts as being at the level itself
 SEEDS_PREFIX = "seeds_"  # a sweep ``seeds_<name>`` repeats sweep ``<name>`` at one level with other seeds
@@ -46,12 +45,6 @@ def variant(row: dict) -> str:
 
 def _cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def interpolate_at(points: list[tuple[float, float]], level: float) -> float | None:
@@ -141,69 +134,3 @@ def matched_csv(records: list[dict]) -> str:
         writer.writerow([r["level"], r["sweep"], r["variant"], repr(r["forget_prob"]),
                          *("" if r[m] is None else repr(r[m]) for m in metrics)])
     return out.getvalue()
-
-
-def regimes_markdown(matched: dict[str, list[dict]], models: dict[str, list[dict]],
-                     metrics=REGIME_METRICS) -> str:
-    """Regimes side by side: the reference models of each regime (``models``: rows with ``method`` and their own
-    ``forget/prob``) at their own P̄, then per level a table with a row per variant and, for each regime
-    (``matched``: its :func:`matched_rows`), a column per metric. "—": no value."""
-    names = list(matched)
-    by_method = {n: {} for n in names}
-    for n in names:  # a method's first row: the models of the first jobs (later ones may be other seeds' models)
-        for r in models.get(n, []):
-            by_method[n].setdefault(r["method"], r)
-    keys = (PROB_KEY, *(m for m in metrics if not m.startswith("time/")))  # reference models: not unlearned
-    rows = [[method, *(_cell(_number(by_method[n].get(method, {}).get(k))) for n in names for k in keys)]
-            for method in sorted({m for n in names for m in by_method[n]})]
-    out = ["**Reference models (at their own P̄)**\n\n"
-           + markdown_cells(["model", *(f"{n}: {k}" for n in names for k in keys)], rows)]
-    head = ["method", *(f"{n}: {m}" for n in names for m in metrics)]
-    labels = list(dict.fromkeys(r["level"] for rs in matched.values() for r in rs))
-    for label in labels:
-        at = {n: {r["name"]: r for r in matched[n] if r["level"] == label} for n in names}
-        rows = [[v, *(_cell(at[n].get(v, {}).get(m)) for n in names for m in metrics)]
-                for v in sorted({v for n in names for v in at[n]})]
-        title = f"Forget P̄ = {label}" if label != RETRAIN_LEVEL else "Forget P̄ = the retrain model's own (" + \
-            ", ".join(f"{n} {next(r['forget_prob'] for r in matched[n] if r['level'] == label):.3g}"
-                      for n in names if any(r["level"] == label for r in matched[n])) + ")"
-        out.append(f"**{title}**\n\n" + markdown_cells(head, rows))
-    return "\n\n".join(out) + "\n"
-
-
-def seed_spread(rows: list[dict], level: float, metrics=REGIME_METRICS) -> list[dict]:
-    """Mean and sample sd over the runs at P̄ ``level`` (within :data:`MATCH_TOLERANCE`) of each sweep together with
-    its ``seeds_<sweep>`` twin: one record per sweep that has such a twin, ``{"name", "runs", metric: (mean, sd)}``
-    (sd None for one run; a metric no run has is left out)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        p = _number(row.get(PROB_KEY))
-        if p is not None and p > 0 and abs(math.log(p / level)) <= MATCH_TOLERANCE:
-            groups[sweep_of(row).removeprefix(SEEDS_PREFIX)].append(row)
-    twins = {sweep_of(r).removeprefix(SEEDS_PREFIX) for r in rows if sweep_of(r).startswith(SEEDS_PREFIX)}
-    out = []
-    for name in sorted(twins & set(groups)):
-        record = {"name": name, "runs": len(groups[name])}
-        for metric in metrics:
-            values = [v for v in (_number(r.get(metric)) for r in groups[name]) if v is not None]
-            if values:
-                record[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
-        out.append(record)
-    return out
-
-
-def seeds_markdown(spreads: dict[str, list[dict]], level: float, metrics=REGIME_METRICS) -> str:
-    """Per regime (``spreads``: its :func:`seed_spread`), ``mean ± sd (n)`` of each metric at P̄ ``level``."""
-    names = list(spreads)
-    head = ["sweep", *(f"{n}: {m}" for n in names for m in metrics)]
-
-    def cell(record: dict | None, metric: str) -> str:
-        if record is None or metric not in record:
-            return "—"
-        mean, sd = record[metric]
-        return f"{mean:.3g}" + ("" if sd is None else f" ± {sd:.2g}") + f" ({record['runs']})"
-
-    rows = [[s, *(cell(next((r for r in spreads[n] if r["name"] == s), None), m) for n in names for m in metrics)]
-            for s in sorted({r["name"] for rs in spreads.values() for r in rs})]
-    return f"**Seeds at forget P̄ = {level:g}** (mean ± sd over runs (n))\n\n" + markdown_cells(head, rows) + "\n"
-

@@ -19,19 +19,14 @@ from pathlib import Path
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
 from kfade.eval.audits import HEADLINE_KEYS as AUDIT_COLUMNS
-from kfade.eval.matched import (
-    SEEDS_PREFIX,
+from kfade.eval.tofu_logs import aggregate_tofu_logs, read_tofu_logs
+from kfade.report.matched import (
     matched_csv,
     matched_markdown,
     matched_rows,
-    regimes_markdown,
-    seed_spread,
-    seeds_markdown,
-    sweep_of,
     variant,
 )
-from kfade.eval.report_plots import write_pareto_plot
-from kfade.eval.tofu_logs import aggregate_tofu_logs, read_tofu_logs
+from kfade.report.plots import write_pareto_plot
 from kfade.tracking import RESULTS_FILE, read_results
 
 REFERENCE_METHODS = ("retrain", "reference", "noise_floor")  # models every job is compared against, shown once
@@ -39,7 +34,6 @@ REFERENCE_METHODS = ("retrain", "reference", "noise_floor")  # models every job 
 METRIC_COLUMNS = ("forget_quality", "model_utility", "kl_retrain/retain", "kl_retrain/forget", "kl_reference/retain",
                   "forget/prob")
 TIME_COLUMNS = ("time/fit_s", "time/unlearn_s")
-SEEDS_LEVEL = 0.38  # the level at which regime reports summarise seeds_<sweep> repeats (make compare)
 
 
 @dataclass
@@ -143,7 +137,7 @@ def csv_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
     """Write ``report.md`` (hyperparameters that vary only), ``report.csv`` (all), ``matched.md`` and
-    ``matched.csv`` (every variant at matched forget P̄, ``kfade.eval.matched``) and ``pareto.png`` into
+    ``matched.csv`` (every variant at matched forget P̄, ``kfade.report.matched``) and ``pareto.png`` into
     ``sweep_dir``; returns the collected results and the markdown text (table, skipped jobs, matched table)."""
     root = Path(sweep_dir)
     sweep = collect_results(root)
@@ -161,30 +155,6 @@ def write_report(sweep_dir: str | os.PathLike) -> tuple[SweepResults, str]:
     write_pareto_plot(sweep.rows, root / "pareto.png", REFERENCE_METHODS, group=variant)
     heading = "\nAt matched forget P̄ (interpolated; — = outside the swept range):\n\n"
     return sweep, markdown + heading + outputs["matched.md"]
-
-
-def write_regimes_report(root: str | os.PathLike) -> str:
-    """``regimes.md`` of the regime sweeps under ``root`` (each subdirectory with results is one regime, e.g.
-    ``scratch`` and ``pretrained`` of ``experiments/sweeps/compare.sh``): each regime's reference
-    models, then the matched tables side by side (``kfade.eval.matched.regimes_markdown``; ``seeds_…`` sweeps left
-    out), then — where a sweep has a
-    ``seeds_<sweep>`` twin — mean ± sd over its runs at P̄ ``SEEDS_LEVEL`` (``seeds_markdown``). Returns the text."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError("report.regimes", str(root), "not a directory")
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and next(d.rglob(RESULTS_FILE), None))
-    if not dirs:
-        raise ConfigError("report.regimes", str(root), f"no subdirectory with a {RESULTS_FILE} (one per regime)")
-    rows = {d.name: collect_results(d).rows for d in dirs}
-    levels = {name: [x for x in r if not sweep_of(x).startswith(SEEDS_PREFIX)] for name, r in rows.items()}
-    text = regimes_markdown({name: matched_rows(r, exclude_methods=REFERENCE_METHODS) for name, r in levels.items()},
-                            {name: [x for x in r if x.get("method") in REFERENCE_METHODS] for name, r in rows.items()})
-    spreads = {name: seed_spread(r, SEEDS_LEVEL) for name, r in rows.items()}
-    if any(spreads.values()):
-        text += "\n" + seeds_markdown(spreads, SEEDS_LEVEL)
-    with atomic_path(root / "regimes.md") as tmp:
-        tmp.write_text(text)
-    return text
 
 
 def aggregate_log_dirs(tofu_logs: str | os.PathLike, retain_logs: str | os.PathLike) -> dict[str, float]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfade.errors import ConfigError
+from kfade.report.numbers import number
 from kfade.tracking import RESULTS_FILE, read_results
 
 
@@ -33,12 +34,8 @@ class ObjectiveConfig:
 
 def objective_value(results: dict, cfg: ObjectiveConfig) -> float:
     """The module docstring's value for one run's flat results."""
-    def number(key: str) -> float | None:
-        value = results.get(key)
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-    metric = number(cfg.metric)
-    bound = number(cfg.constraint) if cfg.constraint is not None else None
+    metric = number(results.get(cfg.metric))
+    bound = number(results.get(cfg.constraint)) if cfg.constraint is not None else None
     if metric is None or (cfg.constraint is not None and bound is None):
         return 2 * cfg.penalty
     if bound is not None and bound > cfg.max:

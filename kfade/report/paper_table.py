@@ -15,8 +15,9 @@ import math
 from pathlib import Path
 
 from kfade.errors import ConfigError
-from kfade.eval.matched import variant
-from kfade.eval.report import REFERENCE_METHODS, collect_results
+from kfade.report.matched import variant
+from kfade.report.numbers import number
+from kfade.report.report import REFERENCE_METHODS, collect_results
 
 TABLES = {"tofu": ("forget_quality", "model_utility"), "wmdp": ("wmdp_bio/acc", "wmdp_cyber/acc", "mmlu/acc")}
 MMLU_DROP = 0.05  # WMDP: selected runs keep MMLU within this of the reference model's
@@ -24,8 +25,8 @@ MMLU_DROP = 0.05  # WMDP: selected runs keep MMLU within this of the reference m
 
 def _value(row: dict, key: str, missing: float = -math.inf) -> float:
     """``row[key]`` as a float; ``missing`` when absent or not finite (ranks it last)."""
-    value = row.get(key)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else missing
+    value = number(row.get(key))
+    return missing if value is None else value
 
 
 def select_run(rows: list[dict], kind: str, setting: str) -> dict:

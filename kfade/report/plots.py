@@ -15,16 +15,13 @@ from collections.abc import Callable, Sequence
 from matplotlib.figure import Figure
 
 from kfade.cache import atomic_path
+from kfade.report.numbers import number as _number
 
 PANELS = (("model_utility", "forget_quality", "forget quality vs model utility"),
           ("kl_retrain/retain", "forget_quality", "forget quality vs output-space KL to retrain (retain set)"),
           ("forget/prob", "kl_reference/retain", "retain outputs changed vs forget P̄ (lower-left is better)"))
 REFERENCE_MARKERS = {"retrain": "*", "reference": "X", "noise_floor": "P"}
 LOG_SPAN = 10.0  # a log axis when the positive values span more than this factor
-
-
-def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _points(rows: list[dict], x: str, y: str) -> list[tuple[float, float, dict]]:
