@@ -206,11 +206,12 @@ class KFade:
         if (skipped := target_reached_at_start(scores.prob, self.rule.target)) is not None:
             history[0]["skipped"] = skipped
         emit(history[-1])
-        checkpoints = self.checkpoint_dir(model, data) if self.solver.checkpointed else None
-        if checkpoints is not None and fsdp.is_sharded(model):
+        checkpointed = self.solver.checkpointed
+        if checkpointed and fsdp.is_sharded(model):  # decided before the run key hashes the weights
             warnings.warn("method.cg_checkpoint=true: no PCG checkpoints under distributed.strategy=fsdp (the vectors "
                           "are sharded); a restarted run solves from the start", stacklevel=2)
-            checkpoints = None
+            checkpointed = False
+        checkpoints = self.checkpoint_dir(model, data) if checkpointed else None
         run = Context(model, curvature, data, emit, checkpoints, start_probe)
         plan, number = cfg.n_steps, 0
         while number < plan and "skipped" not in history[0]:
