@@ -279,7 +279,7 @@ def test_clamped_eigenvalues_are_counted_and_logged(tokenizer, tmp_path, caplog)
     # zero eigenvalues come out of eigh as ±rounding error
     method = build_method("kfade", {"solver": "direct", "step_rule": "fixed", "n_steps": 1},
                           curvature=CurvatureConfig(estimator="kfac", fisher="empirical"), cache_root=tmp_path)
-    with caplog.at_level("INFO", logger="kfade.curvature.estimators"):
+    with caplog.at_level("INFO", logger="kfade.curvature.passes"):
         history = method.run(make_tiny_llama(tokenizer), data)
     assert history[0]["zero_eigenvalues"] > 0 and "clamped to 0" in caplog.text
 

@@ -16,8 +16,9 @@ from test_curvature_reference import assert_blocks_close, batches_of, dense_bloc
 from kfade import fsdp
 from kfade.curvature import Curvature, CurvatureConfig, GaussNewton, fit_curvature
 from kfade.curvature.curvature import MANIFEST_FILE
+from kfade.curvature.estimators import estimator
 from kfade.curvature.layers import LayerSpec
-from kfade.curvature.owners import assign_owners, stored_elements
+from kfade.curvature.owners import assign_owners
 from kfade.curvature.sharded import ShardedCurvature
 from kfade.curvature.sharded_ggn import gauss_newton
 from kfade.errors import ConfigError
@@ -145,7 +146,8 @@ def test_owners_balance_bytes_and_keep_activation_groups_together():
     groups = {s.name: s.name.split(".")[0] + ".q" for s in layers}  # one shared input per block
     owners = assign_owners(layers, groups, "ekfac", 3)
     assert all(owners[s.name] == owners[groups[s.name]] for s in layers)
-    unit = {g: sum(sum(stored_elements(s, "ekfac", s.name == g).values()) for s in layers if groups[s.name] == g)
+    stored = estimator("ekfac").stored_elements
+    unit = {g: sum(sum(stored(s, s.name == g).values()) for s in layers if groups[s.name] == g)
             for g in set(groups.values())}
     load = [sum(size for g, size in unit.items() if owners[g] == r) for r in range(3)]
     assert max(load) - min(load) <= max(unit.values())  # greedy largest-first: within one unit of each other

@@ -24,7 +24,7 @@ from kfade.plan import (
     plan_memory,
     resolve_placement,
 )
-from kfade.plan.memory import CG_VECTORS, eigh_workspace_bytes, layer_chunks
+from kfade.plan.memory import eigh_workspace_bytes, layer_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "conf" / "fixtures" / "models"
@@ -88,6 +88,9 @@ def test_plan_counts_exactly_what_fit_curvature_stores(tiny_model, estimator, wh
     assert sum(r["A"] + r["S"] + r["eig"] for r in layer_rows(arch, estimator, 4)) == stored
     params = dict(model.named_parameters())
     assert factor_totals(arch)["params"] == sum(params[n].numel() for n in curv.param_names)
+
+
+CG_VECTORS = 7  # x, r, z, p, (G+λI)p, new x, new r: what kfade.curvature.cg holds at its peak
 
 
 def test_step_items_and_layer_groups(llama2):

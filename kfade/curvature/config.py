@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from kfade.curvature.estimators import ESTIMATORS
 from kfade.errors import ConfigError, require_range
 
-ESTIMATORS = ("kfac", "ekfac", "diagonal", "identity")
 FISHER_TYPES = ("mc", "empirical", "exact")
 DAMPING_MODES = ("absolute", "relative", "global")
 FACTOR_DTYPES = ("float32", "bfloat16")
@@ -25,7 +25,7 @@ DEFAULT_MODULES = r"(^|\.)(layers|h|blocks|block)\.\d+\."
 class CurvatureConfig:
     """How to fit the Gauss-Newton approximation of the mean per-token loss (see ``kfade.curvature``)."""
 
-    estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity
+    estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity (kfade.curvature.estimators)
     fisher: str = "mc"  # mc (labels sampled from the model) | empirical (data labels) | exact (all classes)
     mc_samples: int = 1  # label draws per token for fisher=mc
     damping: float = 0.1  # δ (absolute) or α in δ = α·mean eigenvalue of each layer (relative) or of Ĝ (global)

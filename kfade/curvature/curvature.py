@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from kfade.cache import atomic_path
 from kfade.curvature.config import DAMPING_MODES, CurvatureConfig
+from kfade.curvature.estimators import Estimator, estimator
 from kfade.curvature.factors import FactorStore, layer_file, layer_of, sha256_file
 from kfade.curvature.layers import LayerSpec
 from kfade.errors import ConfigError
@@ -42,29 +43,24 @@ class Curvature:
         """Covered parameters (weights, and biases where present), as in ``model.named_parameters()``."""
         return [name for spec in self.layers for name in spec.param_names]
 
+    @property
+    def estimator(self) -> Estimator:
+        """The estimator that fitted (and applies) Ĝ: ``kfade.curvature.estimators``."""
+        return estimator(self.config.estimator)
+
     def basis(self, layer: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(Q_S, Q_A)`` of a Kronecker-factored layer, None for diagonal / identity."""
-        if self.config.estimator not in ("kfac", "ekfac"):
-            return None
-        return self.tensors[f"S/{layer}/eigvecs"], self.tensors[f"A/{self.groups[layer]}/eigvecs"]
+        return self.estimator.basis(self.tensors, self.groups, layer)
 
     def eigenvalues(self, layer: LayerSpec) -> torch.Tensor:
         """Λ of shape (out, in'): Ĝ's eigenvalues in the layer's basis (undamped, ≥ 0)."""
-        estimator, compute = self.config.estimator, self._compute_dtype()
-        if estimator == "kfac":
-            return torch.outer(self.tensors[f"S/{layer.name}/eigvals"].to(compute),
-                               self.tensors[f"A/{self.groups[layer.name]}/eigvals"].to(compute))
-        if estimator == "ekfac":
-            return self.tensors[f"eigvals/{layer.name}"].to(compute)
-        if estimator == "diagonal":
-            return self.tensors[f"diag/{layer.name}"].to(compute)
-        return torch.ones(layer.out_features, layer.in_features, dtype=torch.float32)
+        return self.estimator.eigenvalues(self.tensors, self.groups, layer, self._compute_dtype())
 
     def mean_eigenvalue(self) -> float | None:
         """tr(Ĝ) / (number of covered parameters), the scale of a relative λ and of global damping; None for the
         identity (no data). For EK-FAC and the diagonal, tr(Ĝ) estimates tr(G) without bias (the diagonals match
         in expectation). Computed once (the factors do not change)."""
-        if self.config.estimator == "identity":
+        if not self.estimator.passes:
             return None
         if not hasattr(self, "_mean_eigenvalue"):
             total = sum(float(self.eigenvalues(spec).double().sum()) for spec in self.layers)

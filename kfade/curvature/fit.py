@@ -26,17 +26,17 @@ from kfade.curvature.capture import CapturedBatch, LayerCapture
 from kfade.curvature.checkpoint import FitCheckpoint, batch_digest, new_digest
 from kfade.curvature.config import CurvatureConfig, fit_key
 from kfade.curvature.curvature import Curvature
-from kfade.curvature.estimators import Sums, covariance_pass, eigh, progress_bar, squared_gradient_pass
+from kfade.curvature.estimators import estimator
 from kfade.curvature.factors import FactorStore, layer_of
 from kfade.curvature.fingerprint import model_fingerprint
 from kfade.curvature.fisher import IGNORE_INDEX, label_positions, signals_per_token
 from kfade.curvature.layers import LayerSpec, select_layers
 from kfade.curvature.owners import assign_owners
+from kfade.curvature.passes import Sums, covariance_pass, eigh, progress_bar, squared_gradient_pass
 from kfade.curvature.sharded import ShardedCurvature
 from kfade.errors import ConfigError
 
 BatchDict = dict[str, torch.Tensor]
-PASSES = {"diagonal": ("diagonal",), "kfac": ("factors",), "ekfac": ("factors", "correction")}
 DESCRIPTIONS = {"diagonal": "diagonal Fisher", "factors": "K-FAC factors", "correction": "EK-FAC correction"}
 
 
@@ -64,7 +64,7 @@ def fit_curvature(model: nn.Module, batches: Iterable[BatchDict], cfg: Curvature
         raise ConfigError("curvature.fisher", cfg.fisher, "not with distributed.strategy=fsdp: one backward per class "
                           "and label position would differ between ranks; use mc or empirical")
     kind = ShardedCurvature if sharded else Curvature
-    if cfg.estimator == "identity":
+    if not estimator(cfg.estimator).passes:
         return kind(cfg, layers, {}, {}, 0, 0, fingerprint_)
     directory = workdir if workdir is not None else cfg.offload_dir
     if cfg.checkpoint_every is not None and directory is None:
@@ -133,7 +133,8 @@ class _Fit:
         self.device = next(model.parameters()).device
         self.storage = torch.bfloat16 if cfg.factor_dtype == "bfloat16" else accumulate
         self.groups = layer_groups(layers, cfg.layer_groups)
-        self.passes = [(g, kind) for g in range(len(self.groups)) for kind in PASSES[cfg.estimator]]
+        self.estimator = estimator(cfg.estimator)
+        self.passes = [(g, kind) for g in range(len(self.groups)) for kind in self.estimator.passes]
         self.seed = cfg.seed + distributed.rank()
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.directory = Path(directory) if directory is not None else None
@@ -209,12 +210,9 @@ class _Fit:
                 if kind == "factors":
                     vals, vecs = eigh(total / (sums.n_positions if key.startswith("A/") else per_token), layer,
                                       self.storage)
-                    out[f"{key}/eigvecs"] = vecs
-                    if self.cfg.estimator == "kfac":
-                        out[f"{key}/eigvals"] = vals
+                    out |= self.estimator.factor_tensors(key, vals, vecs)
                 else:
-                    prefix = "diag" if kind == "diagonal" else "eigvals"
-                    out[f"{prefix}/{key}"] = _finite(total / per_token, key).to(self.storage)
+                    out |= self.estimator.outer_tensors(key, _finite(total / per_token, key).to(self.storage))
             self.store.put(layer, out)
 
     def _bases(self, group: int, capture: LayerCapture) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

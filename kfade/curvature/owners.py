@@ -8,24 +8,17 @@ stores about 1/world of the factor bytes; the assignment depends only on the lay
 
 from __future__ import annotations
 
+from kfade.curvature.estimators import estimator as estimator_named
 from kfade.curvature.layers import LayerSpec
-
-
-def stored_elements(spec: LayerSpec, estimator: str, owns_a: bool) -> dict[str, int]:
-    """Elements ``Curvature`` stores for one layer: ``A`` (in'², only at its group's first layer), ``S`` (out²)
-    and ``eig`` (K-FAC: the eigenvalue vectors; EK-FAC Λ* and diagonal D: out × in')."""
-    out, inp = spec.out_features, spec.in_features
-    kron = estimator in ("kfac", "ekfac")
-    eig = {"kfac": out + (inp if owns_a else 0), "ekfac": out * inp, "diagonal": out * inp}.get(estimator, 0)
-    return {"A": inp * inp if kron and owns_a else 0, "S": out * out if kron else 0, "eig": eig}
 
 
 def assign_owners(layers: list[LayerSpec], groups: dict[str, str], estimator: str, world: int) -> dict[str, int]:
     """layer name → owning rank in ``range(world)``, balanced by stored bytes (module docstring)."""
     units: dict[str, int] = {}
+    stored = estimator_named(estimator).stored_elements
     for spec in layers:
         group = groups.get(spec.name, spec.name)
-        units[group] = units.get(group, 0) + sum(stored_elements(spec, estimator, group == spec.name).values())
+        units[group] = units.get(group, 0) + sum(stored(spec, group == spec.name).values())
     load, owner_of = [0] * world, {}
     for group, size in sorted(units.items(), key=lambda kv: -kv[1]):  # stable: earlier units first on ties
         rank = min(range(world), key=lambda r: (load[r], r))

@@ -48,7 +48,7 @@ class ShardedCurvature(Curvature):
         return [spec for spec in self.layers if self.owners[spec.name] == distributed.rank()]
 
     def mean_eigenvalue(self) -> float | None:
-        if self.config.estimator == "identity":
+        if not self.estimator.passes:
             return None
         if not hasattr(self, "_mean_eigenvalue"):
             (total,) = sum_over_ranks([sum(float(self.eigenvalues(s).double().sum()) for s in self._owned())])

@@ -20,6 +20,7 @@ import torch
 from transformers import LlamaConfig
 
 from kfade.curvature import CurvatureConfig
+from kfade.curvature.estimators import estimator as estimator_named
 from kfade.models.config import ModelConfig
 from kfade.pipeline.config import RunConfig
 from kfade.plan import (
@@ -35,9 +36,9 @@ from kfade.plan import (
 )
 from kfade.plan.memory import PHASES
 from kfade.suites.models import is_log_dir
+from kfade.unlearn import method_classes
 
 FIXTURES = Path(__file__).resolve().parents[2] / "conf" / "fixtures" / "models"
-FIRST_ORDER = ("grad_ascent", "grad_diff", "npo", "rmu")
 
 
 def fixture_configs() -> dict[str, Path]:
@@ -93,24 +94,20 @@ def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architect
     copies = ["reference"]
     if model.path is None or (model.retrain_path and not is_log_dir(model.retrain_path)):
         copies += ["retrain model"] + (["noise-floor retrain model"] if config.options.noise_floor else [])
-    if name != "none":
-        copies.append("unlearned copy")
-    frozen = (name == "rmu" and method.alpha > 0) or (
-        name == "grad_diff" and method.retain_loss == "kl" and method.retain_weight > 0)
-    if frozen:
+    common = dict(model_dtype=model.dtype, device=device, batch_size=config.dataset.batch_size,
+                  max_length=config.dataset.max_length, world_size=config.distributed.planned_world(),
+                  strategy=config.distributed.strategy)
+    if method is None:
+        return Workload(method="none", weight_copies=tuple(copies), host_weight_copies=(), **common)
+    copies.append("unlearned copy")
+    if method.keeps_frozen_copy():
         copies.append(f"frozen reference ({name})")
-    trained = None
-    if name == "rmu":
-        regex = re.compile(method.param_pattern())
-        trained = sum(s.out_features * s.in_features for s in arch.layers if regex.search(s.weight))
-    kind = "kfade" if name == "kfade" else "first_order" if name in FIRST_ORDER else "none"
-    return Workload(method=kind, estimator=config.curvature.estimator, solver=getattr(method, "solver", "direct"),
-                    cg_dtype=getattr(method, "cg_dtype", "float32"), cg_offload=getattr(method, "cg_offload", "none"),
-                    model_dtype=model.dtype, device=device, batch_size=config.dataset.batch_size,
-                    max_length=config.dataset.max_length, mc_samples=config.curvature.mc_samples,
-                    weight_copies=tuple(copies), trained_params=trained,
-                    host_weight_copies=("pre-step copy (run.py)",) if name != "none" else (),
-                    world_size=config.distributed.planned_world(), strategy=config.distributed.strategy)
+    pattern, trained = method.trained_pattern(), None
+    if pattern is not None:
+        trained = sum(s.out_features * s.in_features for s in arch.layers if re.search(pattern, s.weight))
+    kind = "kfade" if method_classes(name)[1].uses_curvature else "first_order"
+    return Workload(method=kind, estimator=config.curvature.estimator, mc_samples=config.curvature.mc_samples,
+                    weight_copies=tuple(copies), trained_params=trained, **common, **method.plan_fields())
 
 
 def plan_run(config: RunConfig) -> dict:
@@ -153,7 +150,7 @@ def _gb(n: float) -> str:
 
 def _layer_table(arch: Architecture, estimator: str, factor_bytes: int) -> list[str]:
     """One row per covered layer; layers identical in every block are folded into one ``layers.*`` row."""
-    rows = layer_rows(arch, estimator, factor_bytes)
+    rows, kronecker = layer_rows(arch, estimator, factor_bytes), estimator_named(estimator).kronecker
     folded = defaultdict(list)
     for row in rows:
         folded[re.sub(r"\.\d+\.", ".*.", row["name"], count=1)].append(row)
@@ -163,7 +160,7 @@ def _layer_table(arch: Architecture, estimator: str, factor_bytes: int) -> list[
                    group[0]["A"], group[0]["S"], group[0]["eig"]) for r in group)
         for r in [group[0]] if same else group:
             label = f"{key} (× {len(group)})" if same and len(group) > 1 else r["name"]
-            shared = "" if r["group"] == r["name"] or not estimator.endswith("kfac") else " (shared)"
+            shared = "" if r["group"] == r["name"] or not kronecker else " (shared)"
             lines.append(f"| {label} | {r['out']} × {r['in']} | {r['A'] / 1e6:.1f} MB{shared} | "
                          f"{r['S'] / 1e6:.1f} MB | {r['eig'] / 1e6:.1f} MB | {r['params'] / 1e6:.2f} M |")
     return lines
@@ -179,7 +176,7 @@ def print_plan(config: RunConfig) -> dict:
           + (f" ({work.solver}), curvature={work.estimator}" if work.method == "kfade" else ""))
     for note in info["notes"]:
         print(f"note: {note}")
-    if work.method == "kfade" and work.estimator != "identity":
+    if work.method == "kfade" and estimator_named(work.estimator).passes:
         print(f"covered layers: {len(arch.layers)} (curvature.modules); A factors of layers reading the same "
               "input (q/k/v, gate/up) are stored once, at the first of them")
         print("\n".join(_layer_table(arch, work.estimator, fb)))

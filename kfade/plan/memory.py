@@ -30,14 +30,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from kfade.curvature.owners import assign_owners, stored_elements
+from kfade.curvature.estimators import estimator
+from kfade.curvature.owners import assign_owners
 from kfade.plan.architecture import Architecture
 from kfade.plan.config import Placement
+from kfade.unlearn.solvers import SOLVERS
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float64": 8}
 PHASES = ("load", "fit", "correction", "step")  # fit: factor pass + eigh (diagonal: its pass); correction: EK-FAC
-CG_VECTORS = 7  # x, r, z, p, (G+λI)p, new x, new r (see kfade.curvature.cg)
+PASS_SUMS = {"factors": "A, S", "diagonal": "D", "correction": "Λ*"}  # what a fitting pass sums
 ADAMW_STATES = 3  # gradient, exp_avg, exp_avg_sq at the parameter dtype (first-order baselines)
 
 
@@ -114,12 +116,12 @@ def factor_totals(arch: Architecture) -> dict[str, int]:
             "eigvals": sum(s.in_features for s in firsts) + sum(s.out_features for s in arch.layers)}
 
 
-def layer_rows(arch: Architecture, estimator: str, factor_bytes: int) -> list[dict]:
+def layer_rows(arch: Architecture, name: str, factor_bytes: int) -> list[dict]:
     """Per covered layer: shape, activation group, and the stored bytes of its A (0 when it reads a shared input
     counted at its group's first layer), S, eigenvalues (K-FAC vectors, EK-FAC Λ*, diagonal D)."""
-    rows = []
+    rows, stored = [], estimator(name).stored_elements
     for spec in arch.layers:
-        n = stored_elements(spec, estimator, arch.groups[spec.name] == spec.name)
+        n = stored(spec, arch.groups[spec.name] == spec.name)
         rows.append({"name": spec.name, "out": spec.out_features, "in": spec.in_features,
                      "group": arch.groups[spec.name], **{k: factor_bytes * v for k, v in n.items()},
                      "params": spec.out_features * spec.in_features})
@@ -135,17 +137,17 @@ def layer_chunks(names: list[str], groups: int) -> list[list[int]]:
             for k in range(groups)]
 
 
-def _chunk_elements(rows: list[dict], chunk: list[int], what: str) -> int:
-    """Elements of one layer group's sums: ``factors`` (the A of every activation group its layers read, once,
-    and their S) or ``outer`` (out × in' per layer: EK-FAC's Λ*, the diagonal's D)."""
+def _chunk_elements(rows: list[dict], chunk: list[int], fit_pass: str) -> int:
+    """Elements of one layer group's sums in a fitting pass: ``factors`` (the A of every activation group its
+    layers read, once, and their S), else out × in' per layer (EK-FAC's ``correction`` Λ*, the ``diagonal`` D)."""
     layers = [rows[i] for i in chunk]
-    if what == "outer":
+    if fit_pass != "factors":
         return sum(r["params"] for r in layers)
     return sum(n * n for n in {r["group"]: r["in"] for r in layers}.values()) + sum(r["out"] ** 2 for r in layers)
 
 
 def eigh_workspace_bytes(n: int) -> int:
-    """Bytes ``kfade.curvature.estimators.eigh`` allocates for one n×n factor beside its fp32 sum: the normalised
+    """Bytes ``kfade.curvature.passes.eigh`` allocates for one n×n factor beside its fp32 sum: the normalised
     sum (fp32, n²), its fp64 copy, the symmetrised copy and the eigenvectors (fp64, n² each), the eigenvalues
     (fp64, n) and LAPACK ``syevd``'s workspace (1 + 6n + 2n² doubles, 3 + 5n int32), all alive during the call:
     44n² + O(n) bytes."""
@@ -196,23 +198,24 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
               "step")
         return p
     _curvature_items(p, arch, w, placement)
-    where = "cpu" if w.solver == "cg" and w.cg_offload == "cpu" else "device"
+    solver = SOLVERS[w.solver]
+    where = "cpu" if solver.vectors and w.cg_offload == "cpu" else "device"
     params = t["params"] / n
     p.add(f"forget gradient (fp32{of})", 4 * params, where, "step")
     p.add(f"K-FADE direction (fp32{of})", 4 * params, where, "step")
-    if w.solver == "cg":
-        p.add(f"CG vectors: x, r, z, p, (G+λI)p, new x, r ({CG_VECTORS} × {w.cg_dtype}{of}"
-              + (", host memory)" if where == "cpu" else ")"), CG_VECTORS * DTYPE_BYTES[w.cg_dtype] * params,
-              where, "step")
+    if solver.vectors:
+        count = len(solver.vectors)
+        p.add(f"{w.solver.upper()} vectors: {', '.join(solver.vectors)} ({count} × {w.cg_dtype}{of}"
+              + (", host memory)" if where == "cpu" else ")"), count * DTYPE_BYTES[w.cg_dtype] * params, where, "step")
         if where == "cpu":
-            p.add(f"CG vector in flight: a product's input ({w.model_dtype}) and result (fp32{of})", (b + 4) * params,
-                  "device", "step")
+            p.add(f"{w.solver.upper()} vector in flight: a product's input ({w.model_dtype}) and result (fp32{of})",
+                  (b + 4) * params, "device", "step")
     widest = max(s.out_features * s.in_features for s in arch.layers)
     gathered = " gathered on its owner" if n > 1 else ""
     p.add(f"preconditioner workspace, one layer{gathered} (fp32)", 3 * 4 * widest, "device", "step")
     p.add(f"step snapshot of the covered weights ({w.model_dtype}{of})", t["params"] * b / n, "cpu", "step")
-    p.add("activations, one batch (estimate" + (", eager attention for G·v)" if w.solver == "cg" else ")"),
-          activation_bytes(arch, w, False, w.solver == "cg"), "device", "step")
+    p.add("activations, one batch (estimate" + (", eager attention for G·v)" if solver.products else ")"),
+          activation_bytes(arch, w, False, solver.products), "device", "step")
     return p
 
 
@@ -221,7 +224,8 @@ def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: 
     per layer group, the factor pass holds its fp32 A/S sums (released one layer at a time into the eigh), the
     EK-FAC correction pass its fp32 Λ* sums and the group's eigenbases (fp32 copies on the device unless the
     stored ones are already that); stored layers accumulate where ``offload`` puts them (counted whole)."""
-    if w.estimator == "identity":
+    fit_passes = estimator(w.estimator).passes
+    if not fit_passes:
         return
     fb = DTYPE_BYTES[placement.factor_dtype]
     rows = layer_rows(arch, w.estimator, fb)
@@ -234,18 +238,17 @@ def _curvature_items(p: MemoryPlan, arch: Architecture, w: Workload, placement: 
     one_layer = max(r["A"] + r["S"] + r["eig"] for r in rows)
     chunks = layer_chunks([r["name"] for r in rows], placement.layer_groups)
     of_groups = f", 1 of {len(chunks)} layer groups" if len(chunks) > 1 else ""
-    first = "outer" if w.estimator == "diagonal" else "factors"
     every = ", every rank's own before the reduce to owners" if w.shards > 1 else ""
-    p.add(f"factor sums ({'D' if first == 'outer' else 'A, S'}; fp32{of_groups}{every})",
-          4 * max(_chunk_elements(rows, c, first) for c in chunks), "device", "fit")
-    if w.estimator in ("kfac", "ekfac"):
+    p.add(f"factor sums ({PASS_SUMS[fit_passes[0]]}; fp32{of_groups}{every})",
+          4 * max(_chunk_elements(rows, c, fit_passes[0]) for c in chunks), "device", "fit")
+    if "factors" in fit_passes:
         largest = max(max(r["in"], r["out"]) for r in rows)
         p.add(f"eigh workspace, largest factor ({largest}², fp64)", eigh_workspace_bytes(largest), "device", "fit")
-    fit_phases = ("fit", "correction") if w.estimator == "ekfac" else ("fit",)
+    fit_phases = ("fit", "correction") if "correction" in fit_passes else ("fit",)
     p.add("activations + captured inputs / output grads, one batch (estimate)",
           activation_bytes(arch, w, True, False), "device", *fit_phases)
-    if w.estimator == "ekfac":
-        p.add(f"EK-FAC Λ* sums (fp32{of_groups})", 4 * max(_chunk_elements(rows, c, "outer") for c in chunks),
+    if "correction" in fit_passes:
+        p.add(f"EK-FAC Λ* sums (fp32{of_groups})", 4 * max(_chunk_elements(rows, c, "correction") for c in chunks),
               "device", "correction")
         copies = placement.offload != "none" or fb != 4 or w.shards > 1  # FSDP: broadcast by the owners
         bases = max(sum(4 * (rows[i]["A"] + rows[i]["S"]) // fb for i in c) for c in chunks)

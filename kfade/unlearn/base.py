@@ -64,6 +64,30 @@ class UnlearnData:
             self.kl_probe = self.retain[:KL_PROBE_BATCHES]
 
 
+class MethodConfig:
+    """Base of every method's config dataclass: validated on construction (``validate`` raises ConfigError
+    ``method.<field>``), and what the memory plan (``kfade.pipeline.plan.workload``) asks of the method before it
+    is built."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError ``method.<field>`` for the first invalid field."""
+
+    def keeps_frozen_copy(self) -> bool:
+        """Whether the method holds a frozen copy of the starting model beside the one it updates."""
+        return False
+
+    def trained_pattern(self) -> str | None:
+        """Regex (``re.search``) of the parameter names the method updates; None: every parameter."""
+        return None
+
+    def plan_fields(self) -> dict:
+        """``kfade.plan.Workload`` fields this config decides (e.g. K-FADE's solver and its vectors' dtype)."""
+        return {}
+
+
 @runtime_checkable
 class Method(Protocol):
     """What every unlearning method provides (``kfade.unlearn.METHODS``).

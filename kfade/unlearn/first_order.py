@@ -25,6 +25,7 @@ from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import (
     Batch,
     LogFn,
+    MethodConfig,
     UnlearnData,
     non_finite,
     require_nonnegative,
@@ -38,7 +39,7 @@ from kfade.unlearn.step_search import eta_for_forget_prob
 
 
 @dataclass
-class FirstOrderConfig:
+class FirstOrderConfig(MethodConfig):
     """Optimiser settings of the first-order baselines (defaults: the TOFU paper's finetuning recipe)."""
 
     epochs: int = 5  # passes over the forget set
@@ -46,9 +47,6 @@ class FirstOrderConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     target_forget_prob: float | None = None  # stop once the forget-set P̄ is ≤ this (None: run every epoch)
     check_every: int = 1  # optimizer steps between forget-P̄ checks (with target_forget_prob)
-
-    def __post_init__(self):
-        self.validate()
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr", "check_every")

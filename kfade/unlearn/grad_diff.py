@@ -29,6 +29,10 @@ class GradDiffConfig(FirstOrderConfig):
         require_choice(self, "retain_loss", RETAIN_LOSSES)
         require_nonnegative(self, "forget_weight", "retain_weight")
 
+    def keeps_frozen_copy(self) -> bool:
+        """The KL retain term compares with the frozen starting model."""
+        return self.retain_loss == "kl" and self.retain_weight > 0
+
 
 class GradDiff(FirstOrderMethod):
     """Loss −w_f·NLL_f + w_r·R; R = retain NLL or mean per-token KL from the frozen starting model (nats)."""
@@ -37,7 +41,7 @@ class GradDiff(FirstOrderMethod):
 
     def prepare(self, model: torch.nn.Module, data: UnlearnData) -> None:
         self.reference = None
-        if self.cfg.retain_loss == "kl" and self.cfg.retain_weight > 0:
+        if self.cfg.keeps_frozen_copy():
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def retain_term(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -40,6 +40,7 @@ from kfade.data.formatting import evenly_spaced
 from kfade.errors import ConfigError
 from kfade.unlearn.base import (
     LogFn,
+    MethodConfig,
     UnlearnData,
     batches_fingerprint,
     non_finite,
@@ -65,7 +66,7 @@ Vector = dict[str, torch.Tensor]
 
 
 @dataclass
-class KFadeConfig:
+class KFadeConfig(MethodConfig):
     """K-FADE step settings; the curvature's own settings come separately as a ``CurvatureConfig``."""
 
     name: str = "kfade"  # method name (registry key)
@@ -94,8 +95,8 @@ class KFadeConfig:
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
 
-    def __post_init__(self):
-        self.validate()
+    def plan_fields(self) -> dict:
+        return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload}
 
     def validate(self) -> None:
         require_choice(self, "solver", list(SOLVERS))
@@ -158,7 +159,7 @@ class KFade:
 
     History: ``{"step": 0, "forget_nll", "forget_prob", "retain_kl": 0.0, "zero_eigenvalues"}`` for the start
     (``zero_eigenvalues``: entries of Ĝ's Λ at the ≥ 0 clamp — for K-FAC the products with a factor eigenvalue
-    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.estimators``; ``skipped``
+    that ``eigh`` clamped from below 0, each clamp also logged by ``kfade.curvature.passes``; ``skipped``
     when the start is already at the target P̄), then per step ``step``, ``forget_nll`` (L_f after the step,
     nats/token), ``forget_prob`` (forget-set P̄), ``retain_kl`` (measured mean per-token KL from the starting model
     on ``data.kl_probe``, logged only), ``predicted_kl`` (½ΔᵀĜΔ, undamped), ``step_norm`` (‖Δ‖₂), ``eta``; with

@@ -50,7 +50,11 @@ class RMUConfig(FirstOrderConfig):
             except re.error as e:
                 raise ConfigError("method.param_regex", self.param_regex, f"invalid regex: {e}") from None
 
-    def param_pattern(self) -> str:
+    def keeps_frozen_copy(self) -> bool:
+        """The retain term matches the frozen starting model's activations."""
+        return self.alpha > 0
+
+    def trained_pattern(self) -> str:
         """The updated parameters' name regex: ``param_regex``, or the MLP ``down_proj`` of layers layer−2 … layer."""
         if self.param_regex:
             return self.param_regex
@@ -84,7 +88,7 @@ class RMU(FirstOrderMethod):
     retain_weight_field = "alpha"
 
     def trainable(self, model: torch.nn.Module) -> list[str]:
-        regex = self.cfg.param_pattern()
+        regex = self.cfg.trained_pattern()
         names = [n for n, _ in model.named_parameters() if re.search(regex, n)]
         if not names:
             raise ConfigError("method.param_regex", regex, "matches no parameter of the model")
@@ -97,7 +101,7 @@ class RMU(FirstOrderMethod):
         hidden = model.config.hidden_size
         u = torch.rand(hidden, generator=torch.Generator().manual_seed(self.cfg.seed))
         self.target = (self.cfg.steering_coeff * u / u.norm()).to(model_device(model))
-        self.frozen = copy.deepcopy(model).eval().requires_grad_(False) if self.cfg.alpha > 0 else None
+        self.frozen = copy.deepcopy(model).eval().requires_grad_(False) if self.cfg.keeps_frozen_copy() else None
 
     def activations(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """fp32 hidden states at ``layer`` for the batch's real tokens, ``[N, H]``."""

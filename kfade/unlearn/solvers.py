@@ -15,7 +15,7 @@ matrix of the mean per-token loss and Ĝ its fitted approximation (``kfade.curva
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -40,11 +40,16 @@ def vector_dtype(gradient: torch.dtype, cg_dtype: str) -> torch.dtype:
 class Solver:
     """``solve`` gives a step's direction and what to log about it. ``on_host``: the forget gradient and the
     direction live in host memory (moved to the device a layer or a product at a time); ``checkpointed``: the solve
-    saves its state for a rerun to resume; ``knobs``: the config fields a reader checks first (a run's header)."""
+    saves its state for a rerun to resume; ``knobs``: the config fields a reader checks first (a run's header).
+    For the memory plan (``kfade.plan.memory``): ``vectors``, those over the covered parameters it holds at its
+    peak besides the gradient and the direction (at ``cg_dtype``, on the host with ``cg_offload=cpu``);
+    ``products``, whether it multiplies by the exact G (activations with eager attention)."""
 
     on_host = False
     checkpointed = False
-    knobs: tuple[str, ...] = ()
+    knobs: ClassVar[tuple[str, ...]] = ()
+    vectors: ClassVar[tuple[str, ...]] = ()
+    products: ClassVar[bool] = False
 
     def __init__(self, cfg: KFadeConfig, seed: int = 0, progress: bool = False):
         self.cfg, self.seed, self.progress = cfg, seed, progress
@@ -64,6 +69,8 @@ class Direct(Solver):
 
 class CG(Solver):
     knobs = ("cg_iters",)
+    vectors = ("x", "r", "z", "p", "(G+λI)p", "new x", "new r")  # at peak, during the update (kfade.curvature.cg)
+    products = True
 
     def __init__(self, cfg: KFadeConfig, seed: int = 0, progress: bool = False):
         super().__init__(cfg, seed, progress)
