@@ -75,6 +75,11 @@ class RunConfig:
     distributed: DistributedConfig  # torchrun: replicate or fsdp (checked against the launch before any work)
     notices: list[str] = field(default_factory=list)  # what was resolved differently from what was asked
 
+    @property
+    def uses_curvature(self) -> bool:
+        """Whether the method fits a curvature (and so reads ``curvature``)."""
+        return self.method is not None and method_classes(self.method_name)[1].uses_curvature
+
 
 def load_config(cfg: Mapping) -> RunConfig:
     """Every group of ``cfg`` typed and validated, then checked against the machine and the disk

@@ -25,7 +25,7 @@ def header(config: RunConfig, run_dir: Path, choices: Mapping[str, str | None]) 
     model, dataset, curvature = config.model, config.dataset, config.curvature
     parts = [f"model={choices.get('model')} ({model.path or 'tiny, trained here'}, {model.device}, {model.dtype})",
              f"dataset={choices.get('dataset')} ({dataset.source}, {dataset.forget_split})"]
-    if config.method_name == "kfade":
+    if config.uses_curvature:
         parts.append(f"curvature={choices.get('curvature')} ({curvature.damping_mode} damping {curvature.damping})")
     knobs = method_knobs(config.method) if config.method is not None else ""
     parts += [f"method={choices.get('method')}" + (f" ({knobs})" if knobs else ""),

@@ -27,7 +27,7 @@ from kfade.pipeline.plan import planned_curvature, print_plan
 from kfade.progress import library_bars
 from kfade.suites import Suite, build_suite
 from kfade.tracking import NullTracker, make_tracker, require_unfinished, write_results
-from kfade.unlearn import Method, apply_delta, build_method, compute_delta, method_classes, save_delta
+from kfade.unlearn import Method, apply_delta, build_method, compute_delta, save_delta
 
 
 def run(config: RunConfig, run_dir: Path, *, choices: Mapping[str, str | None] | None = None,
@@ -74,8 +74,7 @@ def run(config: RunConfig, run_dir: Path, *, choices: Mapping[str, str | None] |
 def build(config: RunConfig) -> Method:
     """The configured method; one that fits a curvature gets the curvature config placed by the memory plan
     (offload, layer groups: ``kfade.pipeline.plan``) before it is built."""
-    uses_curvature = method_classes(config.method_name)[1].uses_curvature
-    curvature = planned_curvature(config) if uses_curvature else config.curvature
+    curvature = planned_curvature(config) if config.uses_curvature else config.curvature
     return build_method(config.method_name, config.method, curvature=curvature,
                         cache_root=str(cache_dir() / "curvature"), progress=config.options.progress)
 

@@ -36,7 +36,6 @@ from kfade.plan import (
 )
 from kfade.plan.memory import PHASES
 from kfade.suites.models import is_log_dir
-from kfade.unlearn import method_classes
 
 FIXTURES = Path(__file__).resolve().parents[2] / "conf" / "fixtures" / "models"
 
@@ -105,7 +104,7 @@ def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architect
     pattern, trained = method.trained_pattern(), None
     if pattern is not None:
         trained = sum(s.out_features * s.in_features for s in arch.layers if re.search(pattern, s.weight))
-    kind = "kfade" if method_classes(name)[1].uses_curvature else "first_order"
+    kind = "kfade" if config.uses_curvature else "first_order"
     return Workload(method=kind, estimator=config.curvature.estimator, mc_samples=config.curvature.mc_samples,
                     weight_copies=tuple(copies), trained_params=trained, **common, **method.plan_fields())
 
