@@ -7,7 +7,8 @@
 # (interpolated). Sweeps per regime (DIR/<regime>/<sweep>/…):
 #   none            the reference models (reference, retrain, noise floor = a second retrain seed)
 #   kfade_default   K-FADE with its defaults, one sub-sweep per level
-#   kfade_direct    the paper's direct EK-FAC step: one step, one global damping (0.1 × Ĝ's mean eigenvalue)
+#   kfade_direct    the paper's direct EK-FAC step: Ĝ on the retain split, one step, one global damping
+#                   (0.1 × Ĝ's mean eigenvalue)
 #   grad_diff, grad_ascent, npo   AdamW at the mini configs' learning rate, stopped at the level
 #   rmu             learning-rate grid
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
@@ -55,7 +56,7 @@ for r in $REGIMES; do
   queue+=("$r seeds_kfade_default method=kfade method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
   targets=$(IFS=,; echo "${LEVELS[*]},$retrain")
   queue+=("$r seeds_grad_diff method=mini/grad_diff $CAP method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
-  queue+=("$r kfade_direct method=kfade method.solver=direct method.n_steps=1 method.max_steps=1 method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
+  queue+=("$r kfade_direct method=kfade dataset.fit_sets=[retain] method.solver=direct method.n_steps=1 method.max_steps=1 method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
   for m in grad_diff grad_ascent npo; do
     queue+=("$r $m method=mini/$m $CAP method.target_forget_prob=$targets")
   done
