@@ -81,8 +81,9 @@ def test_sharded_load_copy_scores_and_delta_equal_one_process(tokenizer, tmp_pat
     assert float(want["kl"]) > 0 and not torch.equal(want["int8"], want["logits"])
 
 
+FP64 = ["model.dtype=float64", "curvature.fisher=empirical"]
 KFADE = ["method=kfade", "method.solver=direct", "method.step_rule=fixed", "method.step_size=0.05",
-         "method.n_steps=1", "method.max_kl_ratio=null", "curvature.fisher=empirical", "model.dtype=float64"]
+         "method.n_steps=1", "method.max_kl_ratio=null"]
 
 
 def _worker(rank, init_file, out, overrides):
@@ -118,16 +119,20 @@ def assert_same(got, want):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["eval.audits=[quantize,mia,extraction]", "eval.quantize.bits=[8]"],
-                                       ["experiment=mini_wmdp", "eval.lm_eval_limit=8"]], ids=["tofu", "wmdp"])
+@pytest.mark.parametrize("overrides", [
+    [*KFADE, "eval.audits=[quantize,mia,extraction]", "eval.quantize.bits=[8]"],
+    [*KFADE, "experiment=mini_wmdp", "eval.lm_eval_limit=8"],  # lm-eval on the sharded models
+    ["method=grad_diff", "method.retain_loss=kl", "method.epochs=1", "method.lr=1e-3"],  # a sharded frozen copy
+    ["method=rmu", "method.layer=0", "method.alpha=10", "method.epochs=1", "method.lr=1e-3"],
+], ids=["tofu", "wmdp", "grad_diff_kl", "rmu"])
 def test_fsdp_run_scores_and_delta_equal_one_process(cache, tmp_path, overrides):
-    (results, (delta, meta)), (want, (want_delta, want_meta)) = sharded_and_single(cache, tmp_path, *KFADE,
+    (results, (delta, meta)), (want, (want_delta, want_meta)) = sharded_and_single(cache, tmp_path, *FP64,
                                                                                   *overrides)
     assert_same(results, want)
-    assert meta["base_fingerprint"] == want_meta["base_fingerprint"] and set(delta) == set(want_delta)
+    assert meta["base_fingerprint"] == want_meta["base_fingerprint"] and set(delta) == set(want_delta) != set()
     for name, d in want_delta.items():
         torch.testing.assert_close(delta[name], d, rtol=1e-9, atol=1e-12 * float(d.abs().max()), msg=name)
-    assert results["steps"] == 1 and results["kl_reference/retain"] > 0
+    assert results["steps"] >= 1 and results["kl_reference/retain"] > 0
 
 
 @pytest.mark.parametrize(("override", "key"), [("eval.audits=[relearn]", "eval.audits"),
