@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from kfade import distributed
-from kfade.models.checkpointing import enable_gradient_checkpointing
+from kfade.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
 from kfade.models.load import load_model, load_tokenizer, resolve_dtype
 
 BLOCK_CONTAINERS = ("layers", "h", "blocks", "block")  # attribute names of decoder-block lists (Llama, Phi, GPT-2)
@@ -111,8 +111,7 @@ def copy_model(model: nn.Module) -> nn.Module:
     if not is_sharded(model):
         return copy.deepcopy(model)
     first = next(model.parameters())
-    twin = skeleton(model.config, first.dtype, model.generation_config,
-                    getattr(model, "is_gradient_checkpointing", False))
+    twin = skeleton(model.config, first.dtype, model.generation_config, checkpointing_enabled(model))
     buffers = dict(model.named_buffers())  # the same on every rank
     return _filled(twin, local(first).device, get_model_state_dict(model), StateDictOptions(), buffers)
 
