@@ -9,6 +9,9 @@ copies), so ``torch.autograd.grad`` with respect to them is not possible. Vector
 gradient, K-FADE direction, PCG vectors) stay ``DTensor`` shards: pointwise ops keep the sharding; inner
 products sum the local shards and all-reduce (``kfade.curvature.cg.dot``).
 
+Every model a run holds is sharded so: ``load_sharded`` fills a meta-device model from a checkpoint that rank 0
+alone reads, ``copy_model`` builds a sharded copy from the shards (scoring, the method's copy, frozen copies).
+
 Every rank must run the same sequence of forward and backward passes (each one all-gathers and reduce-scatters
 with the others), so a data-parallel pass over a list of batches pads the shorter shards (``padded_shard``) with
 passes that contribute nothing.
