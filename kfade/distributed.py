@@ -115,6 +115,15 @@ def collective_device() -> str:
     return "cuda" if is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
+def from_main(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself without a process group."""
+    if not is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def maximum(value: int) -> int:
     """The largest ``value`` passed by any rank."""
     if not is_initialized():

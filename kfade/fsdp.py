@@ -9,6 +9,9 @@ copies), so ``torch.autograd.grad`` with respect to them is not possible. Vector
 gradient, K-FADE direction, PCG vectors) stay ``DTensor`` shards: pointwise ops keep the sharding; inner
 products sum the local shards and all-reduce (``kfade.curvature.cg.dot``).
 
+Every model a run holds is sharded so: ``load_sharded`` fills a meta-device model from a checkpoint that rank 0
+alone reads, ``copy_model`` builds a sharded copy from the shards (scoring, the method's copy, frozen copies).
+
 Every rank must run the same sequence of forward and backward passes (each one all-gathers and reduce-scatters
 with the others), so a data-parallel pass over a list of batches pads the shorter shards (``padded_shard``) with
 passes that contribute nothing.
@@ -24,10 +27,14 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
 from kfade import distributed
+from kfade.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
+from kfade.models.load import load_model, load_tokenizer, resolve_dtype
 
 BLOCK_CONTAINERS = ("layers", "h", "blocks", "block")  # attribute names of decoder-block lists (Llama, Phi, GPT-2)
 
@@ -57,15 +64,59 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def skeleton(config, dtype: torch.dtype, generation_config=None, gradient_checkpointing: bool = False) -> nn.Module:
+    """The Hugging Face causal LM of ``config`` built on the meta device (no storage), in eval mode, with
+    ``generation_config`` (its stop tokens) and gradient checkpointing as given."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if generation_config is not None:
+        model.generation_config = copy.deepcopy(generation_config)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model.eval()
+
+
 @torch.no_grad()
-def gathered_copy(sharded: nn.Module, like: nn.Module) -> nn.Module:
-    """A deep copy of the unsharded ``like`` holding the whole weights of the FSDP model ``sharded`` (each
-    parameter all-gathered in turn)."""
-    model = copy.deepcopy(like)
-    params = dict(sharded.named_parameters())
-    for name, p in model.named_parameters():
-        p.copy_(full(params[name].detach()))
+def _filled(model: nn.Module, device: torch.device | str, state: dict, options: StateDictOptions,
+            buffers: dict[str, torch.Tensor] | None) -> nn.Module:
+    """The meta-device ``model`` sharded (:func:`shard_model`), this rank's rows allocated on ``device`` and filled
+    from ``state`` (``set_model_state_dict`` with ``options``); every buffer, the ones outside the state dict
+    (rotary frequencies) too, copied from ``buffers`` (None: rank > 0 of a load) and broadcast from rank 0."""
+    shard_model(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, state, options=options)
+    for name, buffer in model.named_buffers():
+        if buffers is not None:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
     return model
+
+
+def load_sharded(path: str, dtype: str, device: str, key: str = "model.path",
+                 gradient_checkpointing: bool = False) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: the checkpoint at ``path`` FSDP-sharded, never whole on a rank's device. Rank 0
+    alone reads it into host memory (``load_model``: one whole host copy, freed after) and broadcasts it one
+    tensor at a time; every rank builds the model on the meta device (rank 0's config and generation config),
+    shards it and keeps its rows (``set_model_state_dict``, ``full_state_dict`` and ``broadcast_from_rank0``)."""
+    tokenizer = load_tokenizer(path, key)
+    whole = load_model(path, dtype, "cpu", key=key)[0] if distributed.is_main() else None
+    config, generation = distributed.from_main((whole.config, whole.generation_config) if whole is not None else None)
+    model = skeleton(config, resolve_dtype(dtype), generation, gradient_checkpointing)
+    state = whole.state_dict() if whole is not None else {}
+    buffers = dict(whole.named_buffers()) if whole is not None else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return _filled(model, device, state, options, buffers), tokenizer
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model``: ``copy.deepcopy``, or for an FSDP model (which cannot be deep-copied) the same model
+    built again on the meta device and sharded likewise, each rank copying its own rows (no communication)."""
+    if not is_sharded(model):
+        return copy.deepcopy(model)
+    first = next(model.parameters())
+    twin = skeleton(model.config, first.dtype, model.generation_config, checkpointing_enabled(model))
+    buffers = dict(model.named_buffers())  # the same on every rank
+    return _filled(twin, local(first).device, get_model_state_dict(model), StateDictOptions(), buffers)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -96,6 +147,15 @@ def shard_like(whole: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
     counts = row_counts(sharded.shape[0], distributed.world_size())
     start = sum(counts[: distributed.rank()])
     return like(whole[start : start + counts[distributed.rank()]].contiguous(), sharded)
+
+
+@torch.no_grad()
+def assign(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """``param`` ← the whole tensor ``whole`` (for a ``DTensor``, this rank's rows of it)."""
+    if isinstance(param, DTensor):
+        param.to_local().copy_(shard_like(whole, param).to_local())
+    else:
+        param.copy_(whole)
 
 
 def gather_rows(t: torch.Tensor, owner: int) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
-"""Per-rank memory plans for ``distributed.strategy=fsdp``: what is sharded (the unlearned copy, its gradient,
-direction and CG vectors, the factors by owner) against the same run on one process, and the Llama-3-70B plan on
-8 × 141 GB from its shipped config (offline, seconds)."""
+"""Per-rank memory plans for ``distributed.strategy=fsdp``: what is sharded (the reference and the unlearned copy,
+the pre-step copy, the gradient, direction and CG vectors, the factors by owner) against the same run on one
+process, and the Llama-3-70B plans on 8 × 141 GB from its shipped config (offline, seconds)."""
 
 from pathlib import Path
 
@@ -28,9 +28,10 @@ def test_fsdp_shards_the_copy_vectors_and_factors_per_rank():
     fsdp = plan_memory(arch, Workload(solver="cg", world_size=8, strategy="fsdp"), Placement())
     replicated = plan_memory(arch, Workload(solver="cg", world_size=8), Placement())
     assert [(i.name, i.nbytes) for i in replicated.items] == [(i.name, i.nbytes) for i in one.items]
-    for prefix in ("forget gradient", "K-FADE direction", "CG vectors", "weights: unlearned copy"):
+    for prefix in ("forget gradient", "K-FADE direction", "CG vectors", "weights: unlearned copy",
+                   "weights: reference", "weights: pre-step copy"):
         assert items(fsdp, prefix) == pytest.approx(items(one, prefix) / 8, rel=1e-9), prefix
-    assert items(fsdp, "weights: reference") == items(one, "weights: reference")  # evaluated whole on every rank
+    assert items(fsdp, "weights: loading one model on the host") == items(one, "weights: loading")  # rank 0 reads it
     rows = layer_rows(arch, "ekfac", 4)
     owners = assign_owners(arch.layers, arch.groups, "ekfac", 8)
     per_rank = [sum(r["A"] + r["S"] + r["eig"] for r in rows if owners[r["name"]] == k) for k in range(8)]
@@ -44,29 +45,30 @@ def plan_70b(*overrides):
     return run(load_config(cfg), Path("/nonexistent"))
 
 
-def unsharded_step_peak(info):
+def peaks(info):
+    """(fits, device peak GB, host peak GB) of a plan."""
     plan = info["plan"]
-    whole = sum(i.nbytes for i in plan.items if "whole on every rank" in i.name and i.where == "device")
-    return (plan.total("device", "step") - whole) / GB
+    return info["fits"], round(plan.peak("device") / GB, 2), round(plan.peak("cpu") / GB, 2)
 
 
-def test_llama3_70b_on_8_h200_per_rank(capsys):
+def test_llama3_70b_direct_on_8_h200_per_rank(capsys):
     direct = plan_70b("method.solver=direct", "dataset.batch_size=1")
     out = capsys.readouterr().out
     assert "70.6B parameters" in out and "per rank: 8 ranks, distributed.strategy=fsdp" in out
-    assert "weights: reference (bfloat16, whole on every rank: not sharded) | all | cuda | 141.11 |" in out
-    assert "does NOT fit the budget" in out  # the reference alone is 141.1 GB on every rank
+    assert "weights: reference (bfloat16, 1/8) | all | cuda | 17.64 |" in out  # sharded, no longer 141.1 GB
+    assert "weights: loading one model on the host (bfloat16, rank 0 only) | load | cpu | 141.11 |" in out
     assert "forget gradient (fp32, 1/8) | step | cuda | 34.23 |" in out
-    assert unsharded_step_peak(direct) < 141  # the sharded K-FADE step itself fits
+    assert peaks(direct) == (True, 131.79, 183.82)  # the fit phase; factors in pinned host memory, 64 layer groups
 
 
-@pytest.mark.slow
-def test_llama3_70b_cg_on_8_h200_needs_host_vectors():
-    cg = plan_70b("method.solver=cg", "dataset.batch_size=1")
-    assert unsharded_step_peak(cg) > 141  # 7 fp32 PCG vectors, 1/8 each: 239.6 GB
-    offloaded = plan_70b("method.solver=cg", "dataset.batch_size=1", "method.cg_offload=cpu",
-                         "method.cg_dtype=bfloat16")
-    assert unsharded_step_peak(offloaded) < 141
+def test_llama3_70b_cg_on_8_h200_needs_bf16_host_vectors():
+    assert peaks(plan_70b("method.solver=cg", "dataset.batch_size=1")) == (False, 371.44, 141.11)  # 7 × 34.2 GB
+    bf16 = plan_70b("method.solver=cg", "dataset.batch_size=1", "method.cg_dtype=bfloat16")
+    assert peaks(bf16) == (False, 251.65, 141.11)  # 7 bf16 vectors on the device: 119.8 GB
+    assert peaks(plan_70b("method.solver=cg", "dataset.batch_size=1", "method.cg_offload=cpu")) == (
+        False, 120.31, 347.28)  # fp32 vectors in host memory: 347 GB per rank against 250
+    assert peaks(plan_70b("method.solver=cg", "dataset.batch_size=1", "method.cg_offload=cpu",
+                          "method.cg_dtype=bfloat16")) == (True, 131.79, 227.49)
 
 
 def test_bad_distributed_settings_are_one_line_errors():

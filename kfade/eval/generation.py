@@ -1,6 +1,7 @@
 """Batched greedy generation of answers (TOFU's ``generated_text``).
 
-Prompts are LEFT-padded so every row continues from its own last prompt token.
+Prompts are LEFT-padded so every row continues from its own last prompt token. On an FSDP-sharded model every rank
+generates the same answers (the same prompts, greedy), each forward pass all-gathering the weights together.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from kfade import fsdp
 from kfade.data.formatting import QAFormatter, pad_id
 from kfade.eval.modes import evaluating
 from kfade.models.logits import model_device
@@ -45,6 +47,7 @@ def greedy_generate(model: torch.nn.Module, formatter: QAFormatter, questions: S
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stops, pad = stop_token_ids(model, tokenizer), pad_id(tokenizer)
     device = model_device(model)
+    synced = fsdp.is_sharded(model)  # every rank runs each forward until all ranks' rows stopped (FSDP's lockstep)
     answers: list[str] = [""] * len(prompts)
     starts = range(0, len(order), batch_size)
     with evaluating(model):
@@ -53,7 +56,7 @@ def greedy_generate(model: torch.nn.Module, formatter: QAFormatter, questions: S
             input_ids, attention_mask = left_pad([prompts[i] for i in rows], pad)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                    pad_token_id=pad, eos_token_id=stops)
+                                    pad_token_id=pad, eos_token_id=stops, synced_gpus=synced)
             for row, new_tokens in zip(rows, output[:, input_ids.shape[1]:].tolist(), strict=True):
                 ends = [k for k, token in enumerate(new_tokens) if token in stops]
                 kept = new_tokens[:ends[0]] if ends else new_tokens

@@ -1,7 +1,9 @@
 """Score an in-memory causal LM on lm-eval multiple-choice tasks (WMDP, MMLU and kfade's embedded mini tasks).
 
 The model is wrapped as it is (``HFLM(pretrained=model)``: no save/reload) and every call re-scores every
-question (no request or response cache), so changed weights always give fresh numbers.
+question (no request or response cache), so changed weights always give fresh numbers. lm-eval treats a model
+passed in as one process's: under torchrun each rank scores every question itself, so an FSDP-sharded model runs
+the same forward passes on every rank in lockstep (each all-gathering the weights block by block).
 
 Accuracy (``acc``) is the fraction of questions whose correct choice has the largest summed log-likelihood
 log p(target_delimiter + choice | prompt); ``acc_norm`` divides each sum by the choice's length in characters;
@@ -17,8 +19,11 @@ uses the template shared by its member tasks, without their per-subject descript
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,11 +68,27 @@ def evaluate_lm_tasks(model, tokenizer, tasks: list[str], data_dir: str | None =
     before anything runs. The model's train/eval mode is restored afterwards."""
     with tempfile.TemporaryDirectory(prefix="kfade-lm-eval-") as generated:
         task_manager = _task_manager(list(tasks), data_dir, include_path, Path(generated))
-        with evaluating(model):
+        with evaluating(model), _local_rank_0():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
                                      use_cache=None, cache_requests=False, log_samples=False)
     return _flat_metrics(output["results"], tasks)
+
+
+@contextlib.contextmanager
+def _local_rank_0() -> Iterator[None]:
+    """``LOCAL_RANK=0`` for the block. Under torchrun lm-eval returns results only where ``LOCAL_RANK`` is 0 (its
+    tensor-parallel convention), but a model passed in is scored whole by every process that calls it (each rank
+    alone, or under FSDP all ranks in lockstep, the same batches and forward passes), so each keeps its results."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def _flat_metrics(results: dict, tasks: list[str]) -> dict[str, float]:

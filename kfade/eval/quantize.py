@@ -16,12 +16,12 @@ CPU kernel.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from kfade import fsdp
 from kfade.errors import ConfigError, require_one_of
 
 BITS = (8, 4)
@@ -68,10 +68,11 @@ def quantize_weight(weight: torch.Tensor, bits: int, quant_type: str = "nf4", bl
 
 @torch.no_grad()
 def quantized(model: torch.nn.Module, bits: int, quant_type: str = "nf4", blocksize: int = 64) -> torch.nn.Module:
-    """A deep copy of ``model`` whose linear weights (output head excepted) are ``bits``-bit quantized."""
-    copied = copy.deepcopy(model)
+    """A copy of ``model`` whose linear weights (output head excepted) are ``bits``-bit quantized (FSDP: each
+    weight gathered whole in turn, quantized, and this rank's rows kept)."""
+    copied = fsdp.copy_model(model)
     head = copied.get_output_embeddings()
     for module in copied.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
-            module.weight.copy_(quantize_weight(module.weight, bits, quant_type, blocksize))
+            fsdp.assign(module.weight, quantize_weight(fsdp.full(module.weight), bits, quant_type, blocksize))
     return copied

@@ -30,6 +30,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """True when checkpointing is switched on for some decoder layer of ``model`` (whatever its mode now)."""
+    return any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
+
+
 def checkpointing_active(model: nn.Module) -> bool:
     """True when some decoder layer of ``model`` will checkpoint its forward under autograd."""
     return any(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and m.training

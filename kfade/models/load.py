@@ -76,14 +76,13 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str 
     tokenizer gets a pad token (EOS) if it has none. ``device_map`` (e.g. ``auto``: spread over every GPU, then
     CPU) is passed to ``from_pretrained`` for models larger than one device, and then ``device`` is not used;
     ``gradient_checkpointing`` recomputes each decoder layer in the backward (``kfade.models.checkpointing``)."""
-    check_source(path, key)
+    tokenizer = load_tokenizer(path, key)
     device, dtype, _ = resolve_device(device, dtype)
     placement = {} if device_map is None else {"device_map": device_map}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **placement)
     except OSError as e:  # a Hub id that does not exist or cannot be reached, an unreadable weights file
-        raise ConfigError(key, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
+        raise unreadable(key, path, e) from None
     except (ValueError, RuntimeError) as e:
         if device_map is None:
             raise
@@ -91,8 +90,24 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", key: str 
     if device_map is None:
         model = model.to(device)
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, tokenizer
+
+
+def load_tokenizer(path: str, key: str = "model.path"):
+    """The tokenizer of the model at ``path`` (checked by :func:`check_source`), with EOS as its pad token if it
+    has none."""
+    check_source(path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise unreadable(key, path, e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def unreadable(key: str, path: str, error: OSError) -> ConfigError:
+    """A Hub id that does not exist or cannot be reached, an unreadable file: one line naming ``key``."""
+    return ConfigError(key, path, f"cannot load the model: {' '.join(str(error).split())[:300]}")

@@ -100,10 +100,28 @@ def load_config(cfg: Mapping) -> RunConfig:
     sharing = typed(cfg.get("distributed", {}), DistributedConfig, "distributed")
     config = RunConfig(model, model, dataset, eval_cfg, logger, options, name, method, curvature, memory, objective,
                        sharing)
+    if sharing.strategy == "fsdp":
+        check_sharded(config)
     if not options.dry_run:
         sharing.check_launch()  # torchrun as configured
         config.model, config.notices = check_run(model, dataset, eval_cfg)  # devices, paths, names, lm-eval tasks
     return config
+
+
+def check_sharded(config: RunConfig) -> None:
+    """ConfigError for what ``distributed.strategy=fsdp`` cannot run: the models are FSDP-sharded and scored on
+    every rank together, so nothing may finetune a whole copy (the relearning attacks, ``reapply``) or place the
+    weights itself (``model.device_map``)."""
+    relearn = [a for a in config.eval.audits if a.startswith("relearn")]
+    if relearn:
+        raise ConfigError("eval.audits", relearn, "the relearning attacks finetune a whole copy: not under "
+                          "distributed.strategy=fsdp (quantize, mia and extraction run sharded)")
+    if config.options.reapply.epochs > 0:
+        raise ConfigError("reapply.epochs", config.options.reapply.epochs, "finetunes a whole copy of the "
+                          "reference: not under distributed.strategy=fsdp")
+    if config.model.device_map is not None:
+        raise ConfigError("model.device_map", config.model.device_map, "FSDP places the shards: leave it null "
+                          "under distributed.strategy=fsdp")
 
 
 def typed(node, schema: type, key: str):

@@ -49,9 +49,8 @@ def run(config: RunConfig, run_dir: Path, *, choices: Mapping[str, str | None] |
                            name=name)
     with tracker, library_bars(options.progress):
         t0 = time.perf_counter()
-        with distributed.main_first():  # under torchrun rank 0 fills the model and data caches first
-            suite, results = build_suite(config.model, config.dataset, config.eval, options.noise_floor,
-                                         options.progress)
+        suite, results = build_suite(config.model, config.dataset, config.eval, options.noise_floor,
+                                     options.progress, sharded=config.distributed.strategy == "fsdp")
         results["time/prepare_s"] = time.perf_counter() - t0
         rows = ["reference", "retrain"] + (["noise_floor"] if options.noise_floor else [])
         results["method"], results["seed"] = config.method_name, options.seed
@@ -84,16 +83,12 @@ def unlearn(config: RunConfig, suite: Suite, run_dir: Path, tracker=None, baseli
     the ``baseline`` scores of the reference and retrain models). Returns the flat results of the unlearned model."""
     tracker, baseline = tracker or NullTracker(), baseline or {}
     method = build(config)
-    model = copy.deepcopy(suite.reference)
-    before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}  # host: frees the device
-    sharded = config.distributed.strategy == "fsdp"
-    if sharded:  # the method runs on the FSDP-sharded copy; scoring below on its gathered weights
-        fsdp.shard_model(model)
+    model = fsdp.copy_model(suite.reference)  # FSDP: sharded like the reference; the method and scoring run on it
+    before = {n: fsdp.local(p.detach()).to("cpu", copy=True)  # in host memory; FSDP: this rank's rows only
+              for n, p in model.named_parameters()}
     t0 = time.perf_counter()
     history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
-    if sharded:
-        model = fsdp.gathered_copy(model, suite.reference)
     if "skipped" in history[-1]:
         print(f"note: {config.method_name} took no step: {history[-1]['skipped']}", flush=True)
     delta = compute_delta(before, model)
@@ -106,11 +101,11 @@ def unlearn(config: RunConfig, suite: Suite, run_dir: Path, tracker=None, baseli
     metrics |= with_privleak(metrics, [""], baseline.get(f"retrain/{PRIVLEAK_KEY}"))
     if reapply_cfg.epochs > 0:
         metrics |= reapply(suite, delta, reapply_cfg, config.options.progress)
+    base = model_fingerprint(suite.reference)  # FSDP: gathers each parameter, so on every rank
     if distributed.is_main():  # outputs at the end, each atomic; results.json (written last) marks done
         suite.save_record(record, run_dir)
         delta_path = run_dir / "delta.safetensors"
-        save_delta(delta_path, delta, {"method": config.method_name,
-                                       "base_fingerprint": model_fingerprint(suite.reference)})
+        save_delta(delta_path, delta, {"method": config.method_name, "base_fingerprint": base})
         tracker.log_artifact(delta_path, name="unlearning-delta", type="delta")
     return {**metrics, **hyperparameters(method.cfg, method.curvature_cfg, suite.dataset.fit_set_names()),
             "time/fit_s": method.timings.get("fit_s", 0.0), "time/unlearn_s": method.timings.get("unlearn_s", elapsed),

@@ -88,7 +88,8 @@ def budgets(memory: MemoryConfig, device: str) -> tuple[float | None, float, str
 
 def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architecture) -> Workload:
     """What the run holds (kfade.pipeline.job and the suites): the reference, the retrain model(s) when loaded as
-    models, the method's copy and frozen reference; the pre-step copy of the weights in host memory."""
+    models, the method's copy and frozen reference; the pre-step copy of the weights in host memory (FSDP: each
+    sharded, ``kfade.plan.memory``)."""
     name, method = config.method_name, config.method
     copies = ["reference"]
     if model.path is None or (model.retrain_path and not is_log_dir(model.retrain_path)):
@@ -208,15 +209,10 @@ def print_plan(config: RunConfig) -> dict:
     else:
         print("fits the budget")
     if work.world_size > 1:
-        print(f"per rank: {work.world_size} ranks, distributed.strategy={work.strategy}" + (
-            "; the unlearned copy, its gradient/direction/CG vectors and the factors are sharded" if work.shards > 1
-            else "; every rank holds the whole model and every factor"))
-        whole = [i for i in plan.items if "whole on every rank" in i.name]
-        if whole:
-            rest = max(plan.total("device", ph) - sum(i.nbytes for i in whole if ph in i.phases) for ph in PHASES)
-            names = ", ".join(i.name.split(":")[1].split("(")[0].strip() for i in whole)
-            print(f"without the copies held whole on every rank ({names}; run.py evaluates unsharded models): "
-                  f"{_gb(rest)} GB on {work.device} per rank")
+        sharing = ("the models, the gradient/direction/CG vectors and the factors are sharded (rank 0 alone reads "
+                   "the checkpoint into host memory)" if work.shards > 1 else
+                   "every rank holds the whole model and every factor")
+        print(f"per rank: {work.world_size} ranks, distributed.strategy={work.strategy}; {sharing}")
     print(f"total peak: {_gb(plan.peak('device'))} GB on {work.device}, {_gb(plan.peak('cpu'))} GB on cpu")
     return info
 

@@ -23,6 +23,9 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
   layer. Not counted: what autograd saves inside a decoder layer besides the covered linears' inputs and
   outputs (norms, rotary q/k, the attention output, the MLP activation).
 - The eigendecomposition of an n×n factor: ``eigh_workspace_bytes`` (44n² bytes, CPU LAPACK).
+- FSDP (``strategy=fsdp``, n ranks; the plan is per rank): every model (``kfade.fsdp.load_sharded``,
+  ``copy_model``), the pre-step copy, the vectors and the factors are 1/n; two decoder blocks are all-gathered at
+  a time; rank 0 alone reads the checkpoint into host memory and broadcasts it one tensor at a time.
 """
 
 from __future__ import annotations
@@ -61,11 +64,11 @@ class Workload:
     host_weight_copies: tuple[str, ...] = ("pre-step copy (run.py)",)  # whole models in host memory
     trained_params: int | None = None  # first-order: parameters the optimiser updates (None: all)
     world_size: int = 1  # torchrun processes; the plan is per rank
-    strategy: str = "replicate"  # replicate | fsdp: the unlearned copy, its vectors and the factors sharded
+    strategy: str = "replicate"  # replicate | fsdp: the models, the vectors and the factors sharded
 
     @property
     def shards(self) -> int:
-        """Ways the unlearned copy, the vectors over its parameters and the factors are split (1: not)."""
+        """Ways the models, the vectors over their parameters and the factors are split (1: not)."""
         return self.world_size if self.strategy == "fsdp" else 1
 
 
@@ -176,18 +179,18 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
     b = DTYPE_BYTES[w.model_dtype]
     weights, n = arch.n_params * b, w.shards
     t = factor_totals(arch)
-    for copy in w.weight_copies:
-        if n > 1 and copy == "unlearned copy":
-            p.add(f"weights: {copy} ({w.model_dtype}, FSDP shard 1/{n})", weights / n, "device", "all")
-            p.add(f"FSDP: 2 decoder blocks all-gathered (one in use, one prefetched; {w.model_dtype})",
-                  2 * t["params"] / arch.num_layers * b, "device", "all")
-        else:
-            whole = ", whole on every rank: not sharded" if n > 1 else ""
-            p.add(f"weights: {copy} ({w.model_dtype}{whole})", weights, "device", "all")
-    for copy in w.host_weight_copies:
-        p.add(f"weights: {copy} ({w.model_dtype})", weights, "cpu", "step")
-    p.add(f"weights: loading one model on the host ({w.model_dtype})", weights, "cpu", "load")
     of = f", 1/{n}" if n > 1 else ""
+    for copy in w.weight_copies:  # FSDP: every model sharded (kfade.fsdp.load_sharded, copy_model)
+        p.add(f"weights: {copy} ({w.model_dtype}{of})", weights / n, "device", "all")
+    for copy in w.host_weight_copies:
+        p.add(f"weights: {copy} ({w.model_dtype}{of})", weights / n, "cpu", "step")
+    if n > 1:  # one model's forward at a time (scoring alternates between models, never overlaps them)
+        p.add(f"FSDP: 2 decoder blocks all-gathered (one in use, one prefetched; {w.model_dtype})",
+              2 * t["params"] / arch.num_layers * b, "device", "all")
+        widest = max(arch.vocab_size * arch.hidden_size, *(s.out_features * s.in_features for s in arch.layers))
+        p.add(f"FSDP load: one whole tensor broadcast from rank 0 ({w.model_dtype})", widest * b, "device", "load")
+    p.add(f"weights: loading one model on the host ({w.model_dtype}" + (", rank 0 only)" if n > 1 else ")"), weights,
+          "cpu", "load")
     if w.method == "first_order":
         trained = arch.n_params if w.trained_params is None else w.trained_params
         p.add(f"AdamW gradient + 2 moments ({w.model_dtype}{of})", ADAMW_STATES * trained * b / n, "device", "step")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from kfade import distributed, fsdp
 from kfade.cache import atomic_path, cache_dir, cached, fingerprint, seal, write_json
 from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
@@ -105,16 +107,33 @@ class Suite:
 
     def baseline_scores(self, reference_path: str, retrain_paths: list[str]) -> dict[str, float]:
         """``retrain/…``, ``reference/…`` (and ``noise_floor/…``) scores and audits (``eval.audits``), cached by
-        model and data fingerprints.
+        model and data fingerprints. Under torchrun rank 0 scores the models and writes the cache while the others
+        wait, then read it; FSDP-sharded models are scored by every rank together (the same forward passes), rank 0
+        deciding whether the cache holds them and writing it.
 
         The retrain model is scored first: it is what every later model is compared against.
         """
         key = fingerprint({"models": [model_fingerprint(m) for m in (self.reference, *self.retrains)],
                            **self.cache_key()})
         path = cache_dir() / "evals" / f"{self.name}-{key}"
-        if cached(path, "baseline scores"):
-            self.load_state(path)
-            return json.loads((path / "scores.json").read_text())
+        sharded = fsdp.is_sharded(self.reference)
+        with contextlib.nullcontext() if sharded else distributed.main_first():
+            hit = (distributed.from_main(distributed.is_main() and cached(path, "baseline scores")) if sharded
+                   else cached(path, "baseline scores"))
+            if hit:
+                self.load_state(path)
+                return json.loads((path / "scores.json").read_text())
+            scores = self._scores(reference_path, retrain_paths)
+            if distributed.is_main():
+                with atomic_path(path) as tmp:
+                    tmp.mkdir()
+                    write_json(tmp / "scores.json", scores)
+                    self.save_state(tmp)
+                    seal(tmp)
+            return scores
+
+    def _scores(self, reference_path: str, retrain_paths: list[str]) -> dict[str, float]:
+        """The scores and audits of :meth:`baseline_scores`, computed."""
         jobs = list(zip(("retrain", "noise_floor"), self.retrains, retrain_paths, strict=False))
         jobs.insert(min(1, len(jobs)), ("reference", self.reference, reference_path))
         scores: dict[str, float] = {}
@@ -127,10 +146,4 @@ class Suite:
         for prefix, model, _ in jobs:  # after every plain score: the audits' recoveries need the reference's
             own = {k.removeprefix(f"{prefix}/"): v for k, v in scores.items() if k.startswith(f"{prefix}/")}
             scores |= {f"{prefix}/{k}": v for k, v in run_audits(self, model, own, scores).items()}
-        scores |= with_privleak(scores, [prefix for prefix, _, _ in jobs], scores.get(f"retrain/{PRIVLEAK_KEY}"))
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            write_json(tmp / "scores.json", scores)
-            self.save_state(tmp)
-            seal(tmp)
-        return scores
+        return scores | with_privleak(scores, [prefix for prefix, _, _ in jobs], scores.get(f"retrain/{PRIVLEAK_KEY}"))

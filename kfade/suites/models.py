@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 from kfade.errors import ConfigError
+from kfade.fsdp import load_sharded
 from kfade.models.config import ModelConfig
 from kfade.models.load import load_model
 from kfade.models.mini import mini_tokenizer, trained_tiny_model
@@ -50,23 +52,26 @@ def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequenc
     return reference, retrains
 
 
-def load_pair(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress: bool = True):
-    """``(reference, tokenizer, retrain models, reference path, retrain paths)``.
-
-    With ``cfg.path`` unset the tiny pair is trained; else the given checkpoint is loaded, with the retrain model
-    from ``cfg.retrain_path`` when that is a model (a TOFU eval-log directory is handled by the suite).
-    """
-    seeds = [cfg.recipe.seed, cfg.recipe.seed + 1] if noise_floor else [cfg.recipe.seed]
+def model_paths(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress: bool = True
+                ) -> tuple[str, list[str]]:
+    """``(reference path, retrain paths)``: with ``cfg.path`` unset the tiny pair's cached directories (trained
+    first if needed); else the given checkpoint and ``cfg.retrain_path`` when that is a model (a TOFU eval-log
+    directory is handled by the suite)."""
     if cfg.path is None:
+        seeds = [cfg.recipe.seed, cfg.recipe.seed + 1] if noise_floor else [cfg.recipe.seed]
         reference_dir, retrain_dirs = tiny_model_dirs(sets, cfg, seeds, progress)
-        reference_path, retrain_paths = str(reference_dir), [str(d) for d in retrain_dirs]
-    else:
-        reference_path = cfg.path
-        retrain_paths = [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
-    options = {"device_map": cfg.device_map, "gradient_checkpointing": cfg.gradient_checkpointing}
-    reference, tokenizer = load_model(reference_path, cfg.dtype, cfg.device, key="model.path", **options)
-    retrains = [load_model(p, cfg.dtype, cfg.device, key="model.retrain_path", **options)[0] for p in retrain_paths]
-    return reference, tokenizer, retrains, reference_path, retrain_paths
+        return str(reference_dir), [str(d) for d in retrain_dirs]
+    return cfg.path, [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
+
+
+def load_models(cfg: ModelConfig, reference_path: str, retrain_paths: list[str], sharded: bool = False):
+    """``(reference, tokenizer, retrain models)`` read from their paths; ``sharded``: FSDP-sharded
+    (``kfade.fsdp.load_sharded``, every rank together)."""
+    options = {"gradient_checkpointing": cfg.gradient_checkpointing}
+    load = load_sharded if sharded else functools.partial(load_model, device_map=cfg.device_map)
+    reference, tokenizer = load(reference_path, cfg.dtype, cfg.device, key="model.path", **options)
+    return reference, tokenizer, [load(p, cfg.dtype, cfg.device, key="model.retrain_path", **options)[0]
+                                  for p in retrain_paths]
 
 
 def is_log_dir(path: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kfade import distributed
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import evenly_spaced, qa_batches, text_batches
 from kfade.data.general_text import GeneralText, load_general_text
@@ -27,7 +28,7 @@ from kfade.eval.tofu import EvalSet, evaluate_set
 from kfade.eval.tofu_logs import item_subset
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
-from kfade.suites.models import TrainingSets, is_log_dir, load_pair
+from kfade.suites.models import TrainingSets, is_log_dir, load_models, model_paths
 from kfade.unlearn import UnlearnData
 
 FIT_SETS = ("retain", "real_authors", "world_facts", "general")  # what a curvature may be fitted on (never forget)
@@ -150,12 +151,15 @@ class TofuSuite(Suite):
 
 
 def build_tofu_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cfg: EvalConfig,
-                     noise_floor: bool = False, progress: bool = True) -> tuple[TofuSuite, dict[str, float]]:
-    """Load the data and both models (training the tiny pair if needed); return the suite and baseline scores."""
-    data = load_tofu(dataset_cfg.source, dataset_cfg.forget_split)
-    general = load_general_text(dataset_cfg.general) if dataset_cfg.general else None
-    reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
-        model_cfg, training_sets(data, general), noise_floor, progress)
+                     noise_floor: bool = False, progress: bool = True,
+                     sharded: bool = False) -> tuple[TofuSuite, dict[str, float]]:
+    """Load the data and both models (training the tiny pair if needed; ``sharded``: FSDP); return the suite and
+    baseline scores."""
+    with distributed.main_first():  # under torchrun rank 0 fills the data and model caches first
+        data = load_tofu(dataset_cfg.source, dataset_cfg.forget_split)
+        general = load_general_text(dataset_cfg.general) if dataset_cfg.general else None
+        reference_path, retrain_paths = model_paths(model_cfg, training_sets(data, general), noise_floor, progress)
+    reference, tokenizer, retrains = load_models(model_cfg, reference_path, retrain_paths, sharded)
     retrain_logs = None
     if model_cfg.retrain_path and is_log_dir(model_cfg.retrain_path):
         retrain_logs = read_tofu_logs(model_cfg.retrain_path, key="model.retrain_path")

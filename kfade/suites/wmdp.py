@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kfade import distributed
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import evenly_spaced, text_batches
 from kfade.data.wmdp import WmdpData, load_wmdp
@@ -21,7 +22,7 @@ from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
 from kfade.eval.relearn import attack_split
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
-from kfade.suites.models import TrainingSets, load_pair
+from kfade.suites.models import TrainingSets, load_models, model_paths
 from kfade.unlearn import UnlearnData
 
 KL_DOCS = 64  # documents of each corpus on which the KL to the retrain model is measured
@@ -87,11 +88,14 @@ class WmdpSuite(Suite):
 
 
 def build_wmdp_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cfg: EvalConfig,
-                     noise_floor: bool = False, progress: bool = True) -> tuple[WmdpSuite, dict[str, float]]:
-    """Load the corpora and both models (training the tiny pair if needed); return the suite and baseline scores."""
-    data = load_wmdp(dataset_cfg.source, dataset_cfg.forget_corpora, dataset_cfg.retain_corpora)
-    reference, tokenizer, retrains, reference_path, retrain_paths = load_pair(
-        model_cfg, training_sets(data), noise_floor, progress)
+                     noise_floor: bool = False, progress: bool = True,
+                     sharded: bool = False) -> tuple[WmdpSuite, dict[str, float]]:
+    """Load the corpora and both models (training the tiny pair if needed; ``sharded``: FSDP); return the suite
+    and baseline scores."""
+    with distributed.main_first():  # under torchrun rank 0 fills the data and model caches first
+        data = load_wmdp(dataset_cfg.source, dataset_cfg.forget_corpora, dataset_cfg.retain_corpora)
+        reference_path, retrain_paths = model_paths(model_cfg, training_sets(data), noise_floor, progress)
+    reference, tokenizer, retrains = load_models(model_cfg, reference_path, retrain_paths, sharded)
     suite = WmdpSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
                       progress=progress, data=data)
     return suite, suite.baseline_scores(reference_path, retrain_paths)

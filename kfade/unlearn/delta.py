@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from kfade import fsdp
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
 
@@ -30,14 +31,25 @@ def delta_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def compute_delta(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """θ_after − θ_before (on the CPU) for every parameter in ``before`` whose value changed."""
+    """θ_after − θ_before (on the CPU) for every parameter in ``before`` whose value changed. For an FSDP model
+    ``before`` holds this rank's rows (``fsdp.local``): each parameter changed on any rank is gathered whole onto
+    rank 0, one at a time; the other ranks get an empty dict."""
     params = dict(model.named_parameters())
+    changed = {n: not torch.equal(old.to("cpu"), fsdp.local(params[n].detach()).to("cpu")) for n, old in before.items()}
+    sharded = fsdp.is_sharded(model)
+    if sharded:  # the same decision on every rank: some rank's rows changed
+        changed = {n: total > 0 for n, total in zip(changed, fsdp.sum_over_ranks(list(changed.values())), strict=True)}
     delta = {}
     for name, old in before.items():
-        new = params[name].detach().to("cpu")
-        if not torch.equal(old.to("cpu"), new):
-            dtype = delta_dtype(new.dtype)
-            delta[name] = new.to(dtype) - old.to("cpu", dtype)
+        if not changed[name]:
+            continue
+        new = fsdp.local(params[name].detach())
+        dtype = delta_dtype(new.dtype)
+        d = new.to("cpu", dtype) - old.to("cpu", dtype)
+        if sharded:
+            d = fsdp.gather_rows(fsdp.like(d.to(new.device), params[name]), owner=0)
+        if d is not None:
+            delta[name] = d.to("cpu")
     return delta
 
 

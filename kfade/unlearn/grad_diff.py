@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
+from kfade import fsdp
 from kfade.models.logits import label_logits, token_kl
 from kfade.unlearn.base import Batch, UnlearnData, require_choice, require_nonnegative
 from kfade.unlearn.first_order import FirstOrderConfig, FirstOrderMethod
@@ -42,7 +42,7 @@ class GradDiff(FirstOrderMethod):
     def prepare(self, model: torch.nn.Module, data: UnlearnData) -> None:
         self.reference = None
         if self.cfg.keeps_frozen_copy():
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = fsdp.copy_model(model).eval().requires_grad_(False)
 
     def retain_term(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if self.cfg.retain_loss == "nll":

@@ -11,13 +11,13 @@ Defaults: the paper's Zephyr-7B setting (layer 7, c = 6.5, α = 1200, AdamW lr 5
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from kfade import fsdp
 from kfade.errors import ConfigError
 from kfade.models.logits import model_device
 from kfade.unlearn.base import Batch, UnlearnData, require_nonnegative, require_positive
@@ -101,7 +101,7 @@ class RMU(FirstOrderMethod):
         hidden = model.config.hidden_size
         u = torch.rand(hidden, generator=torch.Generator().manual_seed(self.cfg.seed))
         self.target = (self.cfg.steering_coeff * u / u.norm()).to(model_device(model))
-        self.frozen = copy.deepcopy(model).eval().requires_grad_(False) if self.cfg.keeps_frozen_copy() else None
+        self.frozen = fsdp.copy_model(model).eval().requires_grad_(False) if self.cfg.keeps_frozen_copy() else None
 
     def activations(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """fp32 hidden states at ``layer`` for the batch's real tokens, ``[N, H]``."""
