@@ -49,10 +49,11 @@ def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> t
 
 
 def check_model_paths(model: ModelConfig) -> None:
-    """``model.path``: a saved model (config.json + tokenizer) or a Hub id; ``model.retrain_path``: that, or a
-    directory of readable TOFU eval logs."""
-    if model.path is not None:
-        check_source(model.path, "model.path")
+    """``model.path`` and ``model.base_path``: a saved model (config.json + tokenizer) or a Hub id;
+    ``model.retrain_path``: that, or a directory of readable TOFU eval logs."""
+    for key in ("path", "base_path"):
+        if getattr(model, key) is not None:
+            check_source(getattr(model, key), f"model.{key}")
     retrain = model.retrain_path
     if retrain is None:
         return

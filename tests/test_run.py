@@ -146,6 +146,16 @@ def test_pretrained_regime_finetunes_one_base_and_scores_general_text(cache, tmp
     assert results["reference/general/ppl"] != results["general/ppl"]
 
 
+def test_kl_base_descends_towards_the_pretrained_base_and_needs_one(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("kfade.suites.tofu.load_general_text", lambda name: SMALL_GENERAL)
+    results = run_in_process(tmp_path, "experiment=mini_tofu_pretrained", "model.pretrain.max_epochs=1",
+                             "method=kfade", "method.solver=direct", "method.n_steps=1", "curvature=kfac",
+                             "method.forget_loss=kl_base", "method.step_rule=normalized", "method.step_size=0.5")
+    assert results["hp/forget_loss"] == "kl_base" and results["forget/prob"] < results["reference/forget/prob"]
+    with pytest.raises(ConfigError, match="model.base_path=None: method.forget_loss=kl_base needs a model"):
+        run_in_process(tmp_path / "scratch", "method=kfade", "method.forget_loss=kl_base")
+
+
 def test_general_fit_set_needs_a_general_corpus(cache, tmp_path):
     with pytest.raises(ConfigError, match="dataset.fit_sets='general': needs a general corpus"):
         run_in_process(tmp_path, "method=kfade", "dataset.fit_sets=[retain,general]")

@@ -11,10 +11,18 @@ from omegaconf import OmegaConf
 
 from kfade.data.formatting import QAFormatter, collate, qa_batches
 from kfade.errors import ConfigError
+from kfade.models.logits import label_logits, token_kl
 from kfade.unlearn import METHODS, UnlearnData, build_method
 from kfade.unlearn.base import batches_fingerprint
 from kfade.unlearn.grad_diff import GradDiffConfig
-from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_nll, mean_answer_prob, sequence_logprob
+from kfade.unlearn.losses import (
+    FORGET_TARGET,
+    RetainKLProbe,
+    forget_gradient,
+    forget_nll,
+    mean_answer_prob,
+    sequence_logprob,
+)
 from kfade.unlearn.npo import NPO, NPOConfig
 from kfade.unlearn.rmu import RMUConfig
 
@@ -75,6 +83,46 @@ def test_forget_gradient_is_batch_size_invariant(tiny_model, tokenizer):
             assert grads[n].dtype == torch.float32
             torch.testing.assert_close(grads[n].double(), expected[n], rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def with_targets(base, rows):
+    """The forget batches carrying ``base``'s log-probabilities at their label positions (kl_base)."""
+    with torch.no_grad():
+        return [{**b, FORGET_TARGET: label_logits(base, b).logits.log_softmax(-1)} for b in rows]
+
+
+def test_kl_base_forget_gradient_is_minus_the_gradient_of_the_mean_kl(tiny_model, tokenizer):
+    """With targets q: ∇L_f = −∇ (1/N) Σ_t KL(q_t ‖ p_θ,t), against a float64 hand-written KL over the whole set."""
+    names = [n for n, _ in tiny_model.named_parameters() if "layers.1." in n]
+    base = make_tiny_llama(tokenizer, seed=7)
+    whole = with_targets(base, batches(tokenizer, FORGET, 8))[0]
+    reference = make_tiny_llama(tokenizer).double()
+    logp = label_logits(reference, whole).logits.log_softmax(-1)
+    q = whole[FORGET_TARGET].double()
+    (-(q.exp() * (q - logp)).sum(-1).mean()).backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if n in names}
+    plain = forget_gradient(tiny_model, batches(tokenizer, FORGET, 8), names)[1]
+    for size in (1, 3):
+        grads, scores = forget_gradient(tiny_model, with_targets(base, batches(tokenizer, FORGET, size)), names)
+        assert scores.nll == pytest.approx(plain.nll, rel=1e-6)  # the scores stay the answers' NLL and P̄
+        for n in names:
+            torch.testing.assert_close(grads[n].double(), expected[n], rtol=1e-4, atol=1e-7)
+
+
+def test_kl_base_needs_targets_and_moves_graddiff_towards_the_base(tokenizer, trained, data):
+    with pytest.raises(ConfigError, match="method.forget_loss='kl_base': the forget batches carry no target_logprobs"):
+        build_method("grad_diff", {"forget_loss": "kl_base", "epochs": 1}).run(copy.deepcopy(trained), data)
+    base = make_tiny_llama(tokenizer, seed=7)
+    targeted = UnlearnData(forget=with_targets(base, data.forget), retain=data.retain)
+    model = copy.deepcopy(trained)
+
+    def kl(m):
+        return sum(token_kl(b[FORGET_TARGET], label_logits(m, b).logits).item() for b in targeted.forget)
+
+    before = kl(model)
+    build_method("grad_diff", {"forget_loss": "kl_base", "epochs": 3, "lr": 1e-3}).run(model, targeted)
+    with torch.no_grad():
+        assert kl(model) < 0.5 * before
 
 
 def test_sequence_logprob_matches_float64_gather(tiny_model, tokenizer):

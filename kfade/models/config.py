@@ -15,6 +15,8 @@ class ModelConfig:
     name: str = "tiny_llama"  # label for logs and tables
     path: str | None = None  # Hub id or local dir; None = train/reuse the benchmark's tiny reference model
     retrain_path: str | None = None  # retrain baseline: model (Hub id / dir) or TOFU eval-log dir; None = tiny
+    base_path: str | None = None  # a model that never learnt the forget set (TOFU: the chat model before the
+    #                               authors), for method.forget_loss=kl_base; None = the tiny pretrained base, if any
     dtype: str = "float32"  # float32 | bfloat16 | float16 | float64
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps
     device_map: str | None = None  # null | auto | balanced | cpu …: from_pretrained's device_map (models > 1 device)
@@ -31,7 +33,7 @@ class ModelConfig:
     def validate(self) -> None:
         """Types and ranges of every field (the device against the machine: ``kfade.preflight``)."""
         require_one_of("model.dtype", self.dtype, sorted(DTYPES))
-        for key in ("path", "retrain_path"):
+        for key in ("path", "retrain_path", "base_path"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise ConfigError(f"model.{key}", getattr(self, key), "must be a path, a Hub id or null")
         require_range("model.vocab_size", self.vocab_size, 256 + len(SPECIAL_TOKENS))  # byte alphabet + specials

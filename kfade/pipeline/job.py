@@ -86,8 +86,11 @@ def unlearn(config: RunConfig, suite: Suite, run_dir: Path, tracker=None, baseli
     model = fsdp.copy_model(suite.reference)  # FSDP: sharded like the reference; the method and scoring run on it
     before = {n: fsdp.local(p.detach()).to("cpu", copy=True)  # in host memory; FSDP: this rank's rows only
               for n, p in model.named_parameters()}
+    data = suite.unlearn_data()
+    if method.cfg.uses_forget_targets():  # forget_loss=kl_base: the base model's answers, computed once
+        data = suite.with_forget_targets(data)
     t0 = time.perf_counter()
-    history = method.run(model, suite.unlearn_data(), log=lambda rec: tracker.log(rec))
+    history = method.run(model, data, log=lambda rec: tracker.log(rec))
     elapsed = time.perf_counter() - t0
     if "skipped" in history[-1]:
         print(f"note: {config.method_name} took no step: {history[-1]['skipped']}", flush=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from kfade.errors import ConfigError
 from kfade.fsdp import load_sharded
@@ -28,8 +29,9 @@ class TrainingSets:
 
 
 def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequence[int],
-                    progress: bool = True) -> tuple[Path, list[Path]]:
-    """Train (or reuse from the cache) the tiny reference model and one retrain model per seed.
+                    progress: bool = True) -> tuple[Path, list[Path], Path | None]:
+    """Train (or reuse from the cache) the tiny reference model and one retrain model per seed; also returns the
+    pretrained base they were finetuned from (None from scratch).
 
     With ``cfg.pretrain`` both are finetuned (``cfg.recipe``) from one base model pretrained on
     ``sets.pretrain_texts`` (TOFU's regime: a pretrained LM finetuned on the authors, rehearsing ``cfg.recipe.replay``
@@ -49,29 +51,47 @@ def tiny_model_dirs(sets: TrainingSets, cfg: ModelConfig, retrain_seeds: Sequenc
                                    cfg.spec, dataclasses.replace(cfg.recipe, seed=seed), progress, init_from=base,
                                    replay=pretrain_texts)
                 for seed in retrain_seeds]
-    return reference, retrains
+    return reference, retrains, base
 
 
-def model_paths(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress: bool = True
-                ) -> tuple[str, list[str]]:
-    """``(reference path, retrain paths)``: with ``cfg.path`` unset the tiny pair's cached directories (trained
-    first if needed); else the given checkpoint and ``cfg.retrain_path`` when that is a model (a TOFU eval-log
-    directory is handled by the suite)."""
+class ModelPaths(NamedTuple):
+    reference: str
+    retrains: list[str]  # retrain models loaded as models (not a TOFU eval-log directory)
+    base: str | None  # a model that never learnt the forget set (``model.base_path``, the tiny pretrained base)
+
+
+def model_paths(cfg: ModelConfig, sets: TrainingSets, noise_floor: bool, progress: bool = True) -> ModelPaths:
+    """With ``cfg.path`` unset the tiny pair's cached directories (trained first if needed); else the given
+    checkpoints (a TOFU eval-log ``retrain_path`` is handled by the suite)."""
     if cfg.path is None:
         seeds = [cfg.recipe.seed, cfg.recipe.seed + 1] if noise_floor else [cfg.recipe.seed]
-        reference_dir, retrain_dirs = tiny_model_dirs(sets, cfg, seeds, progress)
-        return str(reference_dir), [str(d) for d in retrain_dirs]
-    return cfg.path, [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
+        reference_dir, retrain_dirs, base = tiny_model_dirs(sets, cfg, seeds, progress)
+        return ModelPaths(str(reference_dir), [str(d) for d in retrain_dirs],
+                          cfg.base_path or (str(base) if base is not None else None))
+    retrains = [cfg.retrain_path] if cfg.retrain_path and not is_log_dir(cfg.retrain_path) else []
+    return ModelPaths(cfg.path, retrains, cfg.base_path)
 
 
-def load_models(cfg: ModelConfig, reference_path: str, retrain_paths: list[str], sharded: bool = False):
-    """``(reference, tokenizer, retrain models)`` read from their paths; ``sharded``: FSDP-sharded
+def model_loader(cfg: ModelConfig, sharded: bool = False) -> Callable:
+    """``load(path, key) -> (model, tokenizer)`` at the configured dtype and device; ``sharded``: FSDP-sharded
     (``kfade.fsdp.load_sharded``, every rank together)."""
-    options = {"gradient_checkpointing": cfg.gradient_checkpointing}
     load = load_sharded if sharded else functools.partial(load_model, device_map=cfg.device_map)
-    reference, tokenizer = load(reference_path, cfg.dtype, cfg.device, key="model.path", **options)
-    return reference, tokenizer, [load(p, cfg.dtype, cfg.device, key="model.retrain_path", **options)[0]
-                                  for p in retrain_paths]
+    return lambda path, key: load(path, cfg.dtype, cfg.device, key=key,
+                                  gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def base_loader(cfg: ModelConfig, paths: ModelPaths, sharded: bool = False) -> Callable | None:
+    """``() -> base model``, loading ``paths.base`` when called (None: no base known)."""
+    if paths.base is None:
+        return None
+    return lambda: model_loader(cfg, sharded)(paths.base, "model.base_path")[0]
+
+
+def load_models(cfg: ModelConfig, paths: ModelPaths, sharded: bool = False):
+    """``(reference, tokenizer, retrain models)`` read from their paths (``model_loader``)."""
+    load = model_loader(cfg, sharded)
+    reference, tokenizer = load(paths.reference, "model.path")
+    return reference, tokenizer, [load(p, "model.retrain_path")[0] for p in paths.retrains]
 
 
 def is_log_dir(path: str) -> bool:

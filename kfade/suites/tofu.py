@@ -28,7 +28,7 @@ from kfade.eval.tofu import EvalSet, evaluate_set
 from kfade.eval.tofu_logs import item_subset
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
-from kfade.suites.models import TrainingSets, is_log_dir, load_models, model_paths
+from kfade.suites.models import TrainingSets, base_loader, is_log_dir, load_models, model_paths
 from kfade.unlearn import UnlearnData
 
 FIT_SETS = ("retain", "real_authors", "world_facts", "general")  # what a curvature may be fitted on (never forget)
@@ -158,11 +158,12 @@ def build_tofu_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cf
     with distributed.main_first():  # under torchrun rank 0 fills the data and model caches first
         data = load_tofu(dataset_cfg.source, dataset_cfg.forget_split)
         general = load_general_text(dataset_cfg.general) if dataset_cfg.general else None
-        reference_path, retrain_paths = model_paths(model_cfg, training_sets(data, general), noise_floor, progress)
-    reference, tokenizer, retrains = load_models(model_cfg, reference_path, retrain_paths, sharded)
+        paths = model_paths(model_cfg, training_sets(data, general), noise_floor, progress)
+    reference, tokenizer, retrains = load_models(model_cfg, paths, sharded)
     retrain_logs = None
     if model_cfg.retrain_path and is_log_dir(model_cfg.retrain_path):
         retrain_logs = read_tofu_logs(model_cfg.retrain_path, key="model.retrain_path")
-    suite = TofuSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
+    suite = TofuSuite(tokenizer=tokenizer, reference=reference, retrains=retrains,
+                      load_base=base_loader(model_cfg, paths, sharded), dataset=dataset_cfg, eval=eval_cfg,
                       progress=progress, data=data, retrain_logs=retrain_logs, general=general)
-    return suite, suite.baseline_scores(reference_path, retrain_paths)
+    return suite, suite.baseline_scores(paths.reference, paths.retrains)

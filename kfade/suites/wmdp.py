@@ -22,7 +22,7 @@ from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
 from kfade.eval.relearn import attack_split
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
-from kfade.suites.models import TrainingSets, load_models, model_paths
+from kfade.suites.models import TrainingSets, base_loader, load_models, model_paths
 from kfade.unlearn import UnlearnData
 
 KL_DOCS = 64  # documents of each corpus on which the KL to the retrain model is measured
@@ -94,8 +94,9 @@ def build_wmdp_suite(model_cfg: ModelConfig, dataset_cfg: DatasetConfig, eval_cf
     and baseline scores."""
     with distributed.main_first():  # under torchrun rank 0 fills the data and model caches first
         data = load_wmdp(dataset_cfg.source, dataset_cfg.forget_corpora, dataset_cfg.retain_corpora)
-        reference_path, retrain_paths = model_paths(model_cfg, training_sets(data), noise_floor, progress)
-    reference, tokenizer, retrains = load_models(model_cfg, reference_path, retrain_paths, sharded)
-    suite = WmdpSuite(tokenizer=tokenizer, reference=reference, retrains=retrains, dataset=dataset_cfg, eval=eval_cfg,
+        paths = model_paths(model_cfg, training_sets(data), noise_floor, progress)
+    reference, tokenizer, retrains = load_models(model_cfg, paths, sharded)
+    suite = WmdpSuite(tokenizer=tokenizer, reference=reference, retrains=retrains,
+                      load_base=base_loader(model_cfg, paths, sharded), dataset=dataset_cfg, eval=eval_cfg,
                       progress=progress, data=data)
-    return suite, suite.baseline_scores(reference_path, retrain_paths)
+    return suite, suite.baseline_scores(paths.reference, paths.retrains)

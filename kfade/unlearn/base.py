@@ -79,6 +79,11 @@ class MethodConfig:
         """Whether the method holds a frozen copy of the starting model beside the one it updates."""
         return False
 
+    def uses_forget_targets(self) -> bool:
+        """Whether its forget batches must carry a non-knowing model's log-probabilities (``forget_loss=kl_base``:
+        ``kfade.unlearn.losses.FORGET_TARGET``; the pipeline adds them)."""
+        return False
+
     def trained_pattern(self) -> str | None:
         """Regex (``re.search``) of the parameter names the method updates; None: every parameter."""
         return None

@@ -10,7 +10,7 @@ from kfade import fsdp
 from kfade.models.logits import label_logits, token_kl
 from kfade.unlearn.base import Batch, UnlearnData, require_choice, require_nonnegative
 from kfade.unlearn.first_order import FirstOrderConfig, FirstOrderMethod
-from kfade.unlearn.losses import mean_token_nll
+from kfade.unlearn.losses import FORGET_LOSSES, forget_objective, mean_token_nll, require_forget_targets
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -23,11 +23,17 @@ class GradDiffConfig(FirstOrderConfig):
     retain_loss: str = "nll"  # "nll": retain-answer NLL; "kl": per-token KL(p_start ‖ p_θ) on retain
     forget_weight: float = 1.0  # weight of the (negated) forget NLL
     retain_weight: float = 1.0  # weight of the retain term
+    forget_loss: str = "nll"  # the forget term: nll (−NLL of the answers) | kl_base (+KL(base ‖ θ) on them; see
+    #                           method=kfade)
 
     def validate(self) -> None:
         super().validate()
         require_choice(self, "retain_loss", RETAIN_LOSSES)
         require_nonnegative(self, "forget_weight", "retain_weight")
+        require_choice(self, "forget_loss", FORGET_LOSSES)
+
+    def uses_forget_targets(self) -> bool:
+        return self.forget_loss == "kl_base"
 
     def keeps_frozen_copy(self) -> bool:
         """The KL retain term compares with the frozen starting model."""
@@ -40,6 +46,7 @@ class GradDiff(FirstOrderMethod):
     retain_weight_field = "retain_weight"
 
     def prepare(self, model: torch.nn.Module, data: UnlearnData) -> None:
+        require_forget_targets(self.cfg, data)
         self.reference = None
         if self.cfg.keeps_frozen_copy():
             self.reference = fsdp.copy_model(model).eval().requires_grad_(False)
@@ -53,7 +60,7 @@ class GradDiff(FirstOrderMethod):
         return token_kl(reference, logits) / max(logits.shape[0], 1)
 
     def loss(self, model: torch.nn.Module, index: int, forget: Batch, retain: Batch | None) -> torch.Tensor:
-        loss = -self.cfg.forget_weight * mean_token_nll(model, forget)
+        loss = -self.cfg.forget_weight * forget_objective(model, forget)
         if self.cfg.retain_weight > 0:
             loss = loss + self.cfg.retain_weight * self.retain_term(model, retain)
         return loss

@@ -52,7 +52,13 @@ from kfade.unlearn.base import (
     target_reached_at_start,
 )
 from kfade.unlearn.delta import apply_delta
-from kfade.unlearn.losses import RetainKLProbe, forget_gradient, forget_scores
+from kfade.unlearn.losses import (
+    FORGET_LOSSES,
+    RetainKLProbe,
+    forget_gradient,
+    forget_scores,
+    require_forget_targets,
+)
 from kfade.unlearn.quadratic_check import QuadraticCheck
 from kfade.unlearn.solvers import SOLVERS
 from kfade.unlearn.step_rules import STEP_RULES, squared_norm
@@ -94,6 +100,11 @@ class KFadeConfig(MethodConfig):
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
+    forget_loss: str = "nll"  # the forget objective: nll (ascend the answers' NLL) | kl_base (descend KL(base ‖ θ)
+    #                           on the forget answers, base: a model that never learnt them, model.base_path)
+
+    def uses_forget_targets(self) -> bool:
+        return self.forget_loss == "kl_base"
 
     def plan_fields(self) -> dict:
         return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload}
@@ -105,6 +116,7 @@ class KFadeConfig(MethodConfig):
         require_choice(self, "cg_dtype", CG_DTYPES)
         require_choice(self, "cg_offload", CG_OFFLOADS)
         require_choice(self, "ggn_mode", GGN_MODES)
+        require_choice(self, "forget_loss", FORGET_LOSSES)
         require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches")
         if self.max_steps < self.n_steps:
             raise ConfigError("method.max_steps", self.max_steps, f"must be ≥ method.n_steps ({self.n_steps})")
@@ -191,6 +203,7 @@ class KFade:
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
+        require_forget_targets(self.cfg, data)
         emit = log or (lambda record: None)
         start = time.perf_counter()
         curvature = load_or_fit(model, lambda: data.fit, self.curvature_cfg, self.cache_root, data.fit_fingerprint,

@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kfade import distributed, fsdp
+from kfade.errors import ConfigError
 from kfade.models.logits import label_logits, token_kl
 from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import Batch, count_label_tokens
+
+FORGET_TARGET = "target_logprobs"  # forget-batch key: a non-knowing model's log-probs at the label positions [N, V]
+FORGET_LOSSES = ("nll", "kl_base")  # method.forget_loss: ascend the answers' NLL | descend KL(base ‖ model)
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -71,6 +75,33 @@ def _token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
     return F.cross_entropy(out.logits, out.labels, reduction="none"), out.rows
 
 
+def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per label token: (the forget objective to ascend, the NLL, the row index). The objective is the NLL, or, for
+    a batch carrying ``FORGET_TARGET`` log-probabilities q, −KL(q ‖ p_θ): ascending it moves the answers towards
+    what a model that never learnt them predicts (``method.forget_loss=kl_base``)."""
+    out = label_logits(model, batch)
+    token_nll = F.cross_entropy(out.logits, out.labels, reduction="none")
+    if FORGET_TARGET not in batch:
+        return token_nll, token_nll, out.rows
+    target = batch[FORGET_TARGET].to(out.logits.device)
+    return -token_kl(target, out.logits, reduction="none"), token_nll, out.rows
+
+
+def require_forget_targets(cfg, data) -> None:
+    """ConfigError unless the forget batches carry ``FORGET_TARGET`` where ``cfg`` (a method config) asks for it."""
+    if cfg.uses_forget_targets() and any(FORGET_TARGET not in b for b in data.forget):
+        raise ConfigError("method.forget_loss", cfg.forget_loss, f"the forget batches carry no {FORGET_TARGET} "
+                          "(kfade.suites.Suite.with_forget_targets adds the base model's)")
+
+
+def forget_objective(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The forget objective L_f of one batch, mean per label token (differentiable; see ``_forget_terms``)."""
+    if FORGET_TARGET not in batch:
+        return mean_token_nll(model, batch)
+    objective = _forget_terms(model, batch)[0]
+    return objective.sum() / max(objective.numel(), 1)
+
+
 @torch.no_grad()
 def forget_scores(model: torch.nn.Module, batches: Sequence[Batch]) -> ForgetScores:
     """L_f and the mean answer P̄ over all ``batches`` in one pass (token-weighted L_f: batching-independent)."""
@@ -93,7 +124,7 @@ def forget_nll(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
 def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Sequence[str],
                     progress: bool = False) -> tuple[dict[str, torch.Tensor], ForgetScores]:
     """(∇L_f for the named parameters, the scores of the same pass) with L_f the mean label-token NLL over all
-    ``batches``.
+    ``batches`` (or −KL(target ‖ p_θ) for batches carrying ``FORGET_TARGET``; the scores stay NLL and P̄).
 
     Gradients are accumulated in fp32 (fp64 for fp64 parameters). Each minibatch contributes
     Σ_batch NLL / N_total, so the accumulated gradient equals the full-set mean's whatever the batch size.
@@ -104,8 +135,8 @@ def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Seq
     grads, sums = None, _ScoreSums()
     with requires_grad_only(model, names) as params:
         for batch in tqdm(batches, desc="forget gradient", leave=False, disable=not progress):
-            token_nll, rows = _token_nll(model, batch)
-            parts = torch.autograd.grad(token_nll.sum() / total, params)
+            objective, token_nll, rows = _forget_terms(model, batch)
+            parts = torch.autograd.grad(objective.sum() / total, params)
             if grads is None:
                 grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in parts]
             else:
@@ -124,8 +155,8 @@ def _sharded_forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], n
     with fsdp.summed_gradients(model):
         for batch, real in tqdm(fsdp.padded_shard(batches), desc="forget gradient", leave=False,
                                 disable=not progress):
-            token_nll, rows = _token_nll(model, batch)
-            (token_nll.sum() * (float(real) / total)).backward()
+            objective, token_nll, rows = _forget_terms(model, batch)
+            (objective.sum() * (float(real) / total)).backward()
             grads = fsdp.take_grads(model, names, grads, dtype)
             if real:
                 sums.add(token_nll, rows, batch["labels"].shape[0])
