@@ -110,6 +110,9 @@ def test_step_items_and_layer_groups(llama2):
     moved = (CG_VECTORS + 2) * 4 * params  # the vectors, the forget gradient and the direction go to the host
     assert host.total("device", "step") == cg_plan.total("device", "step") - moved + 6 * params
     assert host.total("cpu", "step") == cg_plan.total("cpu", "step") + moved
+    targets = plan_memory(llama2, Workload(solver="cg", forget_targets=True), Placement())
+    assert targets.total("device", "load") == cg_plan.total("device", "load") + 2 * llama2.n_params  # bf16 base
+    assert targets.peak("device") == cg_plan.peak("device")  # it is released before the fit and the steps
     names = ["l.0.attn.q", "l.0.attn.k", "l.0.mlp.up", "l.1.attn.q", "l.1.mlp.up"]  # whole modules stay together
     assert layer_chunks(names, 2) == [[0, 1, 2], [3, 4]] and len(layer_chunks(names, 9)) == 4
 

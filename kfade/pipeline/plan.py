@@ -107,7 +107,8 @@ def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architect
         trained = sum(s.out_features * s.in_features for s in arch.layers if re.search(pattern, s.weight))
     kind = "kfade" if config.uses_curvature else "first_order"
     return Workload(method=kind, estimator=config.curvature.estimator, mc_samples=config.curvature.mc_samples,
-                    weight_copies=tuple(copies), trained_params=trained, **common, **method.plan_fields())
+                    weight_copies=tuple(copies), trained_params=trained, forget_targets=method.uses_forget_targets(),
+                    **common, **method.plan_fields())
 
 
 def plan_run(config: RunConfig) -> dict:

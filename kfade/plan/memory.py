@@ -63,6 +63,7 @@ class Workload:
     weight_copies: tuple[str, ...] = ("reference", "unlearned copy")  # whole models on the device
     host_weight_copies: tuple[str, ...] = ("pre-step copy (run.py)",)  # whole models in host memory
     trained_params: int | None = None  # first-order: parameters the optimiser updates (None: all)
+    forget_targets: bool = False  # forget_loss=kl_base: the base model is loaded once to score the forget answers
     world_size: int = 1  # torchrun processes; the plan is per rank
     strategy: str = "replicate"  # replicate | fsdp: the models, the vectors and the factors sharded
 
@@ -191,6 +192,9 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
         p.add(f"FSDP load: one whole tensor broadcast from rank 0 ({w.model_dtype})", widest * b, "device", "load")
     p.add(f"weights: loading one model on the host ({w.model_dtype}" + (", rank 0 only)" if n > 1 else ")"), weights,
           "cpu", "load")
+    if w.forget_targets:  # its label log-probs on the forget set (host, N_label × vocab × 4 bytes) are not counted
+        p.add(f"weights: base model, scoring the forget answers once ({w.model_dtype}{of})", weights / n, "device",
+              "load")
     if w.method == "first_order":
         trained = arch.n_params if w.trained_params is None else w.trained_params
         p.add(f"AdamW gradient + 2 moments ({w.model_dtype}{of})", ADAMW_STATES * trained * b / n, "device", "step")
