@@ -22,6 +22,7 @@ from kfade.unlearn.losses import (
     forget_nll,
     mean_answer_prob,
     sequence_logprob,
+    with_forget_targets,
 )
 from kfade.unlearn.npo import NPO, NPOConfig
 from kfade.unlearn.rmu import RMUConfig
@@ -123,6 +124,22 @@ def test_kl_base_needs_targets_and_moves_graddiff_towards_the_base(tokenizer, tr
     build_method("grad_diff", {"forget_loss": "kl_base", "epochs": 3, "lr": 1e-3}).run(model, targeted)
     with torch.no_grad():
         assert kl(model) < 0.5 * before
+
+
+def test_kl_no_answer_targets_are_the_start_without_the_answer(trained, data):
+    targeted = with_forget_targets("kl_no_answer", trained, data)
+    assert with_forget_targets("nll", trained, data) is data and FORGET_TARGET not in data.forget[0]
+    for plain, batch in zip(data.forget, targeted.forget, strict=True):
+        with torch.no_grad():
+            out = label_logits(trained, plain)
+        p, q = out.logits.double().softmax(-1), batch[FORGET_TARGET].double().exp()
+        rows = torch.arange(len(out.labels))
+        assert (q[rows, out.labels] < 1e-12).all()  # the answer's token is gone
+        p[rows, out.labels] = 0.0
+        torch.testing.assert_close(q, p / p.sum(-1, keepdim=True), rtol=1e-5, atol=1e-9)  # the rest renormalised
+    model = copy.deepcopy(trained)
+    build_method("grad_diff", {"forget_loss": "kl_no_answer", "epochs": 3, "lr": 1e-3}).run(model, data)
+    assert mean_answer_prob(model, data.forget) < 0.5 * mean_answer_prob(trained, data.forget)
 
 
 def test_sequence_logprob_matches_float64_gather(tiny_model, tokenizer):

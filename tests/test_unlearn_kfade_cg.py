@@ -85,6 +85,15 @@ def test_target_forget_reaches_its_forget_prob(problem, tmp_path, solver):
     assert all(r["forget_evals"] >= 1 for r in history[1:])
 
 
+def test_kl_no_answer_steps_lower_the_forget_prob(problem, tmp_path):
+    """Descending KL(start without the answer ‖ θ): a short CG step lowers the answers' P̄ (only the direction is
+    checked: along a KL direction P̄ need not fall without bound, so a target_forget η may not reach any target)."""
+    model, data = problem
+    history, _ = run(model, data, tmp_path, CurvatureConfig(estimator="kfac", fisher="empirical"), step_rule="fixed",
+                     step_size=0.1, cg_iters=3, forget_loss="kl_no_answer")
+    assert history[1]["forget_prob"] < history[0]["forget_prob"]
+
+
 def test_mean_answer_prob_is_the_mean_of_per_sequence_geometric_means(problem):
     model, data = problem
     probs = []

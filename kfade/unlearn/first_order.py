@@ -80,6 +80,10 @@ class FirstOrderMethod:
         """Names of the parameters the optimiser updates (default: every parameter)."""
         return [n for n, _ in model.named_parameters()]
 
+    def with_forget_targets(self, model: torch.nn.Module, data: UnlearnData) -> UnlearnData:
+        """The data to train on, with the targets its forget loss needs from the starting model (default: as is)."""
+        return data
+
     def prepare(self, model: torch.nn.Module, data: UnlearnData) -> None:
         """Capture whatever the loss needs from the starting model (default: nothing)."""
 
@@ -98,6 +102,7 @@ class FirstOrderMethod:
         emit = log or (lambda record: None)
         start = time.perf_counter()
         probe = RetainKLProbe(model, data.kl_probe)
+        data = self.with_forget_targets(model, data)
         self.prepare(model, data)
         scores = forget_scores(model, data.forget)
         history = [{"epoch": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0}]

@@ -10,7 +10,7 @@ from kfade import fsdp
 from kfade.models.logits import label_logits, token_kl
 from kfade.unlearn.base import Batch, UnlearnData, require_choice, require_nonnegative
 from kfade.unlearn.first_order import FirstOrderConfig, FirstOrderMethod
-from kfade.unlearn.losses import FORGET_LOSSES, forget_objective, mean_token_nll, require_forget_targets
+from kfade.unlearn.losses import FORGET_LOSSES, forget_objective, mean_token_nll, with_forget_targets
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -23,8 +23,8 @@ class GradDiffConfig(FirstOrderConfig):
     retain_loss: str = "nll"  # "nll": retain-answer NLL; "kl": per-token KL(p_start ‖ p_θ) on retain
     forget_weight: float = 1.0  # weight of the (negated) forget NLL
     retain_weight: float = 1.0  # weight of the retain term
-    forget_loss: str = "nll"  # the forget term: nll (−NLL of the answers) | kl_base (+KL(base ‖ θ) on them; see
-    #                           method=kfade)
+    forget_loss: str = "nll"  # the forget term: nll (−NLL of the answers) | kl_base | kl_no_answer (+KL to the
+    #                           target on them; see method=kfade)
 
     def validate(self) -> None:
         super().validate()
@@ -45,8 +45,10 @@ class GradDiff(FirstOrderMethod):
 
     retain_weight_field = "retain_weight"
 
+    def with_forget_targets(self, model: torch.nn.Module, data: UnlearnData) -> UnlearnData:
+        return with_forget_targets(self.cfg.forget_loss, model, data)
+
     def prepare(self, model: torch.nn.Module, data: UnlearnData) -> None:
-        require_forget_targets(self.cfg, data)
         self.reference = None
         if self.cfg.keeps_frozen_copy():
             self.reference = fsdp.copy_model(model).eval().requires_grad_(False)

@@ -57,7 +57,7 @@ from kfade.unlearn.losses import (
     RetainKLProbe,
     forget_gradient,
     forget_scores,
-    require_forget_targets,
+    with_forget_targets,
 )
 from kfade.unlearn.quadratic_check import QuadraticCheck
 from kfade.unlearn.solvers import SOLVERS
@@ -101,7 +101,8 @@ class KFadeConfig(MethodConfig):
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
     forget_loss: str = "nll"  # the forget objective: nll (ascend the answers' NLL) | kl_base (descend KL(base ‖ θ)
-    #                           on the forget answers, base: a model that never learnt them, model.base_path)
+    #                           on the forget answers, base: a model that never learnt them, model.base_path) |
+    #                           kl_no_answer (descend KL to the starting model's own prediction minus the answer)
 
     def uses_forget_targets(self) -> bool:
         return self.forget_loss == "kl_base"
@@ -203,7 +204,7 @@ class KFade:
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
-        require_forget_targets(self.cfg, data)
+        data = with_forget_targets(self.cfg.forget_loss, model, data)
         emit = log or (lambda record: None)
         start = time.perf_counter()
         curvature = load_or_fit(model, lambda: data.fit, self.curvature_cfg, self.cache_root, data.fit_fingerprint,

@@ -5,6 +5,7 @@ Labels follow the Hugging Face convention: ``logits[:, t]`` predicts ``labels[:,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,10 +17,10 @@ from kfade import distributed, fsdp
 from kfade.errors import ConfigError
 from kfade.models.logits import label_logits, token_kl
 from kfade.models.params import requires_grad_only
-from kfade.unlearn.base import Batch, count_label_tokens
+from kfade.unlearn.base import Batch, UnlearnData, count_label_tokens
 
 FORGET_TARGET = "target_logprobs"  # forget-batch key: a non-knowing model's log-probs at the label positions [N, V]
-FORGET_LOSSES = ("nll", "kl_base")  # method.forget_loss: ascend the answers' NLL | descend KL(base ‖ model)
+FORGET_LOSSES = ("nll", "kl_base", "kl_no_answer")  # method.forget_loss (see with_forget_targets)
 
 
 def token_nll_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -78,7 +79,7 @@ def _token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
 def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per label token: (the forget objective to ascend, the NLL, the row index). The objective is the NLL, or, for
     a batch carrying ``FORGET_TARGET`` log-probabilities q, −KL(q ‖ p_θ): ascending it moves the answers towards
-    what a model that never learnt them predicts (``method.forget_loss=kl_base``)."""
+    the target (``method.forget_loss``: a model that never learnt them, or the model's own guess without the answer)."""
     out = label_logits(model, batch)
     token_nll = F.cross_entropy(out.logits, out.labels, reduction="none")
     if FORGET_TARGET not in batch:
@@ -87,11 +88,25 @@ def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     return -token_kl(target, out.logits, reduction="none"), token_nll, out.rows
 
 
-def require_forget_targets(cfg, data) -> None:
-    """ConfigError unless the forget batches carry ``FORGET_TARGET`` where ``cfg`` (a method config) asks for it."""
-    if cfg.uses_forget_targets() and any(FORGET_TARGET not in b for b in data.forget):
-        raise ConfigError("method.forget_loss", cfg.forget_loss, f"the forget batches carry no {FORGET_TARGET} "
+@torch.no_grad()
+def with_forget_targets(forget_loss: str, model: torch.nn.Module, data: UnlearnData) -> UnlearnData:
+    """The data a forget loss trains on. ``kl_no_answer``: the forget batches carry ``FORGET_TARGET``, the starting
+    ``model``'s own next-token log-probabilities at each label position with the label's token removed (its logit
+    set 30 below the row's minimum, so its probability is ~e⁻³⁰ of the least likely token's) and renormalised:
+    keep what the model predicted there, except the answer. ``kl_base``: the batches must carry the base model's
+    already (``kfade.suites.Suite.with_forget_targets``; ConfigError otherwise). ``nll``: ``data`` unchanged."""
+    if forget_loss == "kl_base" and any(FORGET_TARGET not in b for b in data.forget):
+        raise ConfigError("method.forget_loss", forget_loss, f"the forget batches carry no {FORGET_TARGET} "
                           "(kfade.suites.Suite.with_forget_targets adds the base model's)")
+    if forget_loss != "kl_no_answer":
+        return data
+    forget = []
+    for batch in data.forget:
+        out = label_logits(model, batch)
+        logits = out.logits.clone()
+        logits[torch.arange(len(out.labels), device=logits.device), out.labels] = logits.min(-1).values - 30.0
+        forget.append({**batch, FORGET_TARGET: logits.log_softmax(-1)})
+    return dataclasses.replace(data, forget=forget)
 
 
 def forget_objective(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
