@@ -27,6 +27,12 @@ class ModelConfig:
     pretrain: TrainRecipe | None = None  # tiny model only: first pretrain a base on dataset.general, which
     #                                      `recipe` then finetunes into the reference and retrain models
 
+    @property
+    def knows_base(self) -> bool:
+        """Whether a model that never learnt the forget set is known: ``base_path``, or the tiny pair's pretrained
+        base (``kfade.suites.models.model_paths``)."""
+        return self.base_path is not None or (self.path is None and self.pretrain is not None)
+
     def __post_init__(self):
         self.validate()
 

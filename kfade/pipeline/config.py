@@ -100,8 +100,7 @@ def load_config(cfg: Mapping) -> RunConfig:
     sharing = typed(cfg.get("distributed", {}), DistributedConfig, "distributed")
     config = RunConfig(model, model, dataset, eval_cfg, logger, options, name, method, curvature, memory, objective,
                        sharing)
-    if method is not None and method.uses_forget_targets() and model.base_path is None and (
-            model.path is not None or model.pretrain is None):  # the tiny pretrained pair brings its base
+    if method is not None and method.uses_forget_targets() and not model.knows_base:
         raise ConfigError("model.base_path", None, "method.forget_loss=kl_base needs a model that never learnt the "
                           "forget set (the pretrained base, e.g. TOFU's chat model); none is known for this model")
     if sharing.strategy == "fsdp":

@@ -20,10 +20,9 @@ from kfade.errors import ConfigError
 from kfade.eval import mean_token_kl
 from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.eval.config import EvalConfig
-from kfade.models.logits import label_logits
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
-from kfade.unlearn.losses import FORGET_TARGET
+from kfade.unlearn.losses import with_answer_logprobs
 
 SCORES_VERSION = 3  # bumped when ``score`` gains metrics, so cached baseline scores are recomputed
 
@@ -50,18 +49,14 @@ class Suite:
     def unlearn_data(self) -> UnlearnData:
         raise NotImplementedError
 
-    @torch.no_grad()
     def with_forget_targets(self, data: UnlearnData) -> UnlearnData:
-        """``data`` whose forget batches carry ``FORGET_TARGET``: the log-probabilities the base model (one that never
-        learnt the forget set: ``model.base_path``, or the tiny models' pretrained base) gives at their label
-        positions, for ``method.forget_loss=kl_base``. The base is loaded, used and released here."""
+        """``data`` whose forget batches carry the base model's log-probabilities at their label positions
+        (``with_answer_logprobs``; the base never learnt the forget set: ``model.base_path``, or the tiny models'
+        pretrained base), for ``method.forget_loss=kl_base``. The base is loaded, used and released here."""
         if self.load_base is None:
             raise ConfigError("model.base_path", None, "method.forget_loss=kl_base needs a model that never learnt "
                               "the forget set (the pretrained base, e.g. TOFU's chat model); this run has none")
-        base = self.load_base()
-        forget = [{**b, FORGET_TARGET: label_logits(base, b).logits.log_softmax(-1).cpu()} for b in data.forget]
-        del base
-        return dataclasses.replace(data, forget=forget)
+        return dataclasses.replace(data, forget=with_answer_logprobs(self.load_base(), data.forget))
 
     def retain_features(self) -> list[dict]:
         """The retain data encoded for training (``input_ids``/``labels`` lists): further finetuning."""

@@ -89,24 +89,33 @@ def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
+def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], without_answer: bool = False
+                         ) -> list[Batch]:
+    """``batches`` carrying ``FORGET_TARGET`` (in host memory): ``model``'s next-token log-probabilities at each label
+    position; ``without_answer``: with the label's token removed (its logit set 30 below the row's minimum, so its
+    probability is ~e⁻³⁰ of the least likely token's) and renormalised."""
+    out_batches = []
+    for batch in batches:
+        out = label_logits(model, batch)
+        logits = out.logits
+        if without_answer:
+            logits = logits.clone()
+            logits[torch.arange(len(out.labels), device=logits.device), out.labels] = logits.min(-1).values - 30.0
+        out_batches.append({**batch, FORGET_TARGET: logits.log_softmax(-1).cpu()})
+    return out_batches
+
+
 def with_forget_targets(forget_loss: str, model: torch.nn.Module, data: UnlearnData) -> UnlearnData:
-    """The data a forget loss trains on. ``kl_no_answer``: the forget batches carry ``FORGET_TARGET``, the starting
-    ``model``'s own next-token log-probabilities at each label position with the label's token removed (its logit
-    set 30 below the row's minimum, so its probability is ~e⁻³⁰ of the least likely token's) and renormalised:
-    keep what the model predicted there, except the answer. ``kl_base``: the batches must carry the base model's
-    already (``kfade.suites.Suite.with_forget_targets``; ConfigError otherwise). ``nll``: ``data`` unchanged."""
+    """The data a forget loss trains on. ``kl_no_answer``: the forget batches carry the starting ``model``'s own
+    log-probabilities without the answer (``with_answer_logprobs``): keep what the model predicted there, except the
+    answer. ``kl_base``: the batches must carry the base model's already (``kfade.suites.Suite.with_forget_targets``;
+    ConfigError otherwise). ``nll``: ``data`` unchanged."""
     if forget_loss == "kl_base" and any(FORGET_TARGET not in b for b in data.forget):
         raise ConfigError("method.forget_loss", forget_loss, f"the forget batches carry no {FORGET_TARGET} "
                           "(kfade.suites.Suite.with_forget_targets adds the base model's)")
     if forget_loss != "kl_no_answer":
         return data
-    forget = []
-    for batch in data.forget:
-        out = label_logits(model, batch)
-        logits = out.logits.clone()
-        logits[torch.arange(len(out.labels), device=logits.device), out.labels] = logits.min(-1).values - 30.0
-        forget.append({**batch, FORGET_TARGET: logits.log_softmax(-1)})
-    return dataclasses.replace(data, forget=forget)
+    return dataclasses.replace(data, forget=with_answer_logprobs(model, data.forget, without_answer=True))
 
 
 def forget_objective(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
