@@ -39,6 +39,7 @@ from kfade.data.formatting import IGNORE_INDEX, batched
 from kfade.eval.config import EvalConfig
 from kfade.models.config import ModelConfig
 from kfade.models.tiny import TinyLlamaSpec
+from kfade.pipeline.console import method_knobs
 from kfade.suites import build_suite
 from kfade.unlearn import METHODS, UnlearnData, build_method
 from kfade.unlearn.losses import forget_gradient, mean_answer_prob
@@ -133,8 +134,9 @@ def matched_cost(regime: str, target: float, repeats: int) -> None:
           f"(reached: K-FADE {probs['kfade']:.3f}, GradDiff {probs['grad_diff']:.3f}); fitting set "
           f"{len(data.fit)} batches ({configs['dataset'].fit_set_names()})")
     print(f"[{regime}] curvature fit (EK-FAC, once per model and fitting set, then cached): {fit:.2f} s")
-    print(f"[{regime}] K-FADE default run ({kfade_cfg.n_steps}–{kfade_cfg.max_steps} steps × {kfade_cfg.cg_iters} "
-          f"PCG iterations): {kfade_s:.2f} s; GradDiff run (lr {grad_diff_cfg.lr:g}): {grad_diff_s:.2f} s "
+    print(f"[{regime}] K-FADE default run ({method_knobs(kfade_cfg)}, "
+          f"{curvature.damping_mode} damping {curvature.damping:g}): {kfade_s:.2f} s; GradDiff run "
+          f"(lr {grad_diff_cfg.lr:g}): {grad_diff_s:.2f} s "
           f"(medians of {repeats})")
     print(f"[{regime}] ratio K-FADE / GradDiff at the same P̄: {kfade_s / grad_diff_s:.2f}x (goal <= 5x, 3x); "
           f"with the fit: {(kfade_s + fit) / grad_diff_s:.2f}x")

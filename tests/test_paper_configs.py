@@ -69,7 +69,8 @@ def test_submitit_launcher_and_optuna_sweeper_configs_compose():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher") and launcher.gpus_per_node == 1
     assert launcher.timeout_min > 0 and "partition" in launcher
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
-    assert set(sweeper.params) == {"method.step_rule", "method.step_size", "method.cg_damping"}
+    assert set(sweeper.params) == {"method.solver", "method.forget_loss", "method.step_rule", "method.step_size",
+                                   "method.cg_damping"}
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
 
 

@@ -41,7 +41,7 @@ def test_baseline_run_scores_reference_and_retrain_and_caches_them(cache, tmp_pa
 
 
 def test_kfade_run_saves_a_delta_scores_it_and_a_sweep_reuses_one_curvature_fit(cache, tmp_path):
-    results = run_in_process(tmp_path / "a", "method=kfade", "method.n_steps=2", "method.cg_iters=2",
+    results = run_in_process(tmp_path / "a", "method=kfade_cg", "method.n_steps=2", "method.cg_iters=2",
                              "method.target_forget_prob=0.01")  # the 2-epoch test model starts near 0.02
     assert results["method"] == "kfade" and results["hp/solver"] == "cg" and results["hp/n_steps"] == 2
     assert results["hp/curvature/estimator"] == "ekfac" and results["time/fit_s"] > 0

@@ -39,10 +39,11 @@ def reference_gradient(tokenizer) -> dict:
 
 
 def run(model, data, cache, curvature=IDENTITY, **cfg):
-    """One plain direct trust-region step (no quadratic-regime check) unless the test says otherwise."""
+    """One plain direct trust-region step on the forget NLL (no quadratic-regime check) unless the test says
+    otherwise."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = {"n_steps": 1, "max_backtracks": 0, "solver": "direct", "step_rule": "trust_region", "max_kl_ratio": None,
-           **cfg}
+           "forget_loss": "nll", **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     history = method.run(model, data)
     return method, history, step_taken(before, model)
@@ -123,8 +124,8 @@ def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
 def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
     model = make_tiny_llama(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3, "solver": "direct",
-                                    "max_kl_ratio": None},
+    method = build_method("kfade", {"step_rule": "fixed", "step_size": 1e30, "n_steps": 3, "max_steps": 3,
+                                    "solver": "direct", "max_kl_ratio": None},
                           curvature=IDENTITY, cache_root=tmp_path)
     with pytest.warns(UserWarning, match="K-FADE step 1 rejected"):
         history = method.run(model, qa_data(tokenizer))
@@ -139,7 +140,7 @@ def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
                                           ("cg_tol", -1.0), ("cg_damping", float("nan")),
                                           ("cg_damping_mode", "scaled"), ("cg_batches", 0), ("ggn_mode", "reverse"),
                                           ("target_forget_prob", 1.0), ("target_forget_prob", 0.0),
-                                          ("max_steps", 2), ("max_kl_ratio", 0.5), ("check_batches", 0)])
+                                          ("max_steps", 0), ("max_kl_ratio", 0.5), ("check_batches", 0)])
 def test_bad_kfade_config_names_its_field(field, value):
     with pytest.raises(ConfigError, match=rf"^method\.{field}="):
         KFadeConfig(**{field: value})

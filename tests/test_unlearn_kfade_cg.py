@@ -24,8 +24,8 @@ def problem():
 
 
 def run(model, data, cache, curvature, records=None, **cfg):
-    method = build_method("kfade", {"solver": "cg", "n_steps": 1, "max_kl_ratio": None, **cfg}, curvature=curvature,
-                          cache_root=cache)
+    cfg = {"solver": "cg", "n_steps": 1, "max_kl_ratio": None, "forget_loss": "nll", **cfg}
+    method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     history = method.run(model, data, log=None if records is None else records.append)
     delta = {n: p.detach() - before[n] for n, p in model.named_parameters()}

@@ -6,9 +6,10 @@
 # (method.target_forget_prob); RMU, which cannot stop early without collapsing, keeps a learning-rate grid
 # (interpolated). Sweeps per regime (DIR/<regime>/<sweep>/…):
 #   none            the reference models (reference, retrain, noise floor = a second retrain seed)
-#   kfade_default   K-FADE with its defaults, one sub-sweep per level
-#   kfade_direct    the paper's direct EK-FAC step: Ĝ on the retain split, one step, one global damping
-#                   (0.1 × Ĝ's mean eigenvalue)
+#   kfade_default   K-FADE with its defaults (one direct EK-FAC step on kl_no_answer), one sub-sweep per level
+#   kfade_cg        method=kfade_cg: exact Gauss-Newton products (PCG), 3–6 steps, one sub-sweep per level
+#   kfade_direct    the paper's direct EK-FAC step: NLL ascent, Ĝ on the retain split, one step, one global
+#                   damping (0.1 × Ĝ's mean eigenvalue)
 #   grad_diff, grad_ascent, npo   AdamW at the mini configs' learning rate, stopped at the level
 #   rmu             learning-rate grid
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
@@ -19,6 +20,7 @@
 # (matched.md/.csv, pareto.png) and report.py --regimes (regimes.md).
 #   experiments/sweeps/compare.sh [DIR] [extra Hydra overrides for every job…]     (DIR: multirun/compare/<date>)
 #   REGIMES="pretrained" experiments/sweeps/compare.sh …                           (one regime only)
+#   SKIP='kfade_cg/0\.' experiments/sweeps/compare.sh …        (leave out the sweeps whose <regime> <sweep> matches)
 source "$(dirname "$0")/_env.sh"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one
 export OMP_NUM_THREADS=1                     # two slots on two cores: more threads oversubscribe
@@ -52,16 +54,17 @@ for r in $REGIMES; do
   for level in "${LEVELS[@]}" "$retrain"; do
     name=$level; [ "$level" = "$retrain" ] && name=retrain
     queue+=("$r kfade_default/$name method=kfade method.target_forget_prob=$level")
+    queue+=("$r kfade_cg/$name method=kfade_cg method.target_forget_prob=$level")
   done
   queue+=("$r seeds_kfade_default method=kfade method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
   targets=$(IFS=,; echo "${LEVELS[*]},$retrain")
   queue+=("$r seeds_grad_diff method=mini/grad_diff $CAP method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
-  queue+=("$r kfade_direct method=kfade dataset.fit_sets=[retain] method.solver=direct method.n_steps=1 method.max_steps=1 method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
+  queue+=("$r kfade_direct method=kfade method.forget_loss=nll dataset.fit_sets=[retain] method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
   for m in grad_diff grad_ascent npo; do
     queue+=("$r $m method=mini/$m $CAP method.target_forget_prob=$targets")
   done
   queue+=("$r rmu method=mini/rmu method.target_forget_prob=null method.epochs=6 method.lr=0.03,0.1,0.3")
 done
-printf '%s\n' "${queue[@]}" | xargs -d '\n' -P 2 -I{} bash -c 'sweep {}'
+printf '%s\n' "${queue[@]}" | { [ -n "${SKIP:-}" ] && grep -Ev "^[a-z]+ ($SKIP)" || cat; } | xargs -d '\n' -P 2 -I{} bash -c 'sweep {}'
 for r in $REGIMES; do "$PY" experiments/report.py "$DIR/$r" > /dev/null; done
 "$PY" experiments/report.py --regimes "$DIR"

@@ -1,11 +1,14 @@
 """K-FADE: uphill Gauss-Newton steps on the forget loss, preconditioned by the retain-set curvature.
 
-Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the mean label-token NLL of the forget
-set at the current weights and G the retain-set Gauss-Newton matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean
-per-token KL(p_θ ‖ p_θ+Δ), nats). Ĝ, the fitted curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on
-``data.fit`` at the starting weights (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps
-reuse it). A step is: forget gradient → direction p (``solver``: direct or cg, ``kfade.unlearn.solvers``) → η
-(``step_rule``: fixed, normalized, trust_region or target_forget, ``kfade.unlearn.step_rules``) → apply Δ → check.
+Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the forget objective at the current
+weights (``forget_loss``: by default −KL(q ‖ p_θ) on the forget answers, q the starting model's own prediction
+with the answer token removed; ``nll``: the mean label-token NLL, the paper's) and G the retain-set Gauss-Newton
+matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean per-token KL(p_θ ‖ p_θ+Δ), nats). The default is one direct step
+p = (Ĝ + δI)⁻¹∇L_f with one global δ (conf/method/kfade.yaml; ``kfade_cg.yaml``: 3–6 CG steps). Ĝ, the fitted
+curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on ``data.fit`` at the starting weights
+(``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps reuse it). A step is: forget gradient
+→ direction p (``solver``: direct or cg, ``kfade.unlearn.solvers``) → η (``step_rule``: fixed, normalized,
+trust_region or target_forget, ``kfade.unlearn.step_rules``) → apply Δ → check.
 With ``cg_checkpoint`` each PCG iteration's state is saved under ``<cache>/cg/<run key>/`` (run key: starting
 weights, data, both configs) and the same run started again after a crash resumes there and ends bit-equal;
 removed when the run ends.
@@ -76,13 +79,14 @@ class KFadeConfig(MethodConfig):
     """K-FADE step settings; the curvature's own settings come separately as a ``CurvatureConfig``."""
 
     name: str = "kfade"  # method name (registry key)
-    solver: str = "cg"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
+    solver: str = "direct"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
     step_rule: str = "target_forget"  # fixed | normalized | trust_region | target_forget (kfade.unlearn.step_rules)
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
-    n_steps: int = 3  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
-    max_steps: int = 6  # cap on the steps when the safeguard splits them (≥ n_steps; = n_steps: never split)
+    n_steps: int = 1  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
+    max_steps: int | None = None  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
+    #                               split)
     max_kl_ratio: float | None = 2.0  # split a step whose measured KL / ½ΔᵀGΔ is > this or < 1/this (None: off)
     check_batches: int = 4  # fitting batches (evenly spaced) on which the safeguard measures and predicts KL
     max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
@@ -100,9 +104,9 @@ class KFadeConfig(MethodConfig):
     cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
-    forget_loss: str = "nll"  # the forget objective: nll (ascend the answers' NLL) | kl_base (descend KL(base ‖ θ)
-    #                           on the forget answers, base: a model that never learnt them, model.base_path) |
-    #                           kl_no_answer (descend KL to the starting model's own prediction minus the answer)
+    forget_loss: str = "kl_no_answer"  # the forget objective: kl_no_answer (descend KL to the starting model's own
+    #   prediction with the answer token removed) | nll (ascend the answers' NLL: the paper's) | kl_base (descend
+    #   KL(base ‖ θ) on the forget answers, base: a model that never learnt them, model.base_path)
 
     def uses_forget_targets(self) -> bool:
         return self.forget_loss == "kl_base"
@@ -119,7 +123,7 @@ class KFadeConfig(MethodConfig):
         require_choice(self, "ggn_mode", GGN_MODES)
         require_choice(self, "forget_loss", FORGET_LOSSES)
         require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches")
-        if self.max_steps < self.n_steps:
+        if self.max_steps is not None and self.max_steps < self.n_steps:
             raise ConfigError("method.max_steps", self.max_steps, f"must be ≥ method.n_steps ({self.n_steps})")
         if self.max_kl_ratio is not None and not (math.isfinite(self.max_kl_ratio) and self.max_kl_ratio >= 1):
             raise ConfigError("method.max_kl_ratio", self.max_kl_ratio, "must be a finite number ≥ 1, or null")
@@ -292,7 +296,7 @@ class KFade:
             measured, predicted = check(model, eta_taken)
             ratio = measured / max(predicted, TINY_KL)
             step.record |= {"check_kl": measured, "check_predicted_kl": predicted, "kl_ratio": ratio}
-            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or step.plan >= cfg.max_steps:
+            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or step.plan >= (cfg.max_steps or cfg.n_steps):
                 break
             restore(model, step.saved)  # undo; one more step, this one shorter
             step.plan, splits = step.plan + 1, splits + 1
