@@ -17,9 +17,11 @@ from kfade.unlearn.base import batches_fingerprint
 from kfade.unlearn.grad_diff import GradDiffConfig
 from kfade.unlearn.losses import (
     FORGET_TARGET,
+    OWN_TARGET,
     RetainKLProbe,
     forget_gradient,
     forget_nll,
+    forget_objective,
     mean_answer_prob,
     sequence_logprob,
     with_forget_targets,
@@ -140,6 +142,23 @@ def test_kl_no_answer_targets_are_the_start_without_the_answer(trained, data):
     model = copy.deepcopy(trained)
     build_method("grad_diff", {"forget_loss": "kl_no_answer", "epochs": 3, "lr": 1e-3}).run(model, data)
     assert mean_answer_prob(model, data.forget) < 0.5 * mean_answer_prob(trained, data.forget)
+
+
+def test_kl_no_answer_at_the_start_needs_no_stored_targets(trained, data):
+    """A single K-FADE step uses the objective at the starting weights only: flagged batches take the target from
+    the pass's own logits (nothing stored) and give the stored targets' objective and gradient."""
+    names = [n for n, _ in trained.named_parameters() if "layers.1." in n]
+    flagged = with_forget_targets("kl_no_answer", trained, data, once=True)
+    stored = with_forget_targets("kl_no_answer", trained, data)
+    assert all(b[OWN_TARGET] and FORGET_TARGET not in b for b in flagged.forget)
+    (own, own_scores), (want, want_scores) = (forget_gradient(trained, d.forget, names) for d in (flagged, stored))
+    assert own_scores == want_scores
+    for n in names:
+        torch.testing.assert_close(own[n], want[n], rtol=1e-6, atol=1e-10)
+    with torch.no_grad():
+        objective = forget_objective(trained, flagged.forget[0])
+        assert objective == pytest.approx(forget_objective(trained, stored.forget[0]).item(), rel=1e-6)
+        assert objective != pytest.approx(forget_objective(trained, data.forget[0]).item(), rel=1e-3)  # not the NLL
 
 
 def test_sequence_logprob_matches_float64_gather(tiny_model, tokenizer):

@@ -208,7 +208,8 @@ class KFade:
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
-        data = with_forget_targets(self.cfg.forget_loss, model, data)
+        single_step = (self.cfg.max_steps or self.cfg.n_steps) == 1  # the objective is used at the start only
+        data = with_forget_targets(self.cfg.forget_loss, model, data, once=single_step)
         emit = log or (lambda record: None)
         start = time.perf_counter()
         curvature = load_or_fit(model, lambda: data.fit, self.curvature_cfg, self.cache_root, data.fit_fingerprint,

@@ -20,6 +20,8 @@ from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import Batch, UnlearnData, count_label_tokens
 
 FORGET_TARGET = "target_logprobs"  # forget-batch key: a non-knowing model's log-probs at the label positions [N, V]
+OWN_TARGET = "target_own_no_answer"  # forget-batch flag: the target is the model's own prediction without the answer,
+#                                      taken from the same forward pass (exact while the weights are the start's)
 FORGET_LOSSES = ("nll", "kl_base", "kl_no_answer")  # method.forget_loss (see with_forget_targets)
 
 
@@ -76,51 +78,63 @@ def _token_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
     return F.cross_entropy(out.logits, out.labels, reduction="none"), out.rows
 
 
+def without_answer(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [N, V] of ``logits`` with each row's label token removed (its logit set 30 below the row's
+    minimum, so its probability is ~e⁻³⁰ of the least likely token's) and the rest renormalised."""
+    logits = logits.clone()
+    logits[torch.arange(len(labels), device=logits.device), labels] = logits.min(-1).values - 30.0
+    return logits.log_softmax(-1)
+
+
 def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per label token: (the forget objective to ascend, the NLL, the row index). The objective is the NLL, or, for
-    a batch carrying ``FORGET_TARGET`` log-probabilities q, −KL(q ‖ p_θ): ascending it moves the answers towards
-    the target (``method.forget_loss``: a model that never learnt them, or the model's own guess without the answer)."""
+    a batch carrying ``FORGET_TARGET`` log-probabilities q (or flagged ``OWN_TARGET``: q from this pass's own
+    logits, detached), −KL(q ‖ p_θ): ascending it moves the answers towards the target (``method.forget_loss``: a
+    model that never learnt them, or the model's own guess without the answer)."""
     out = label_logits(model, batch)
     token_nll = F.cross_entropy(out.logits, out.labels, reduction="none")
-    if FORGET_TARGET not in batch:
+    if batch.get(OWN_TARGET):
+        target = without_answer(out.logits.detach(), out.labels)
+    elif FORGET_TARGET in batch:
+        target = batch[FORGET_TARGET].to(out.logits.device)
+    else:
         return token_nll, token_nll, out.rows
-    target = batch[FORGET_TARGET].to(out.logits.device)
     return -token_kl(target, out.logits, reduction="none"), token_nll, out.rows
 
 
 @torch.no_grad()
-def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], without_answer: bool = False
-                         ) -> list[Batch]:
-    """``batches`` carrying ``FORGET_TARGET`` (in host memory): ``model``'s next-token log-probabilities at each label
-    position; ``without_answer``: with the label's token removed (its logit set 30 below the row's minimum, so its
-    probability is ~e⁻³⁰ of the least likely token's) and renormalised."""
+def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], no_answer: bool = False) -> list[Batch]:
+    """``batches`` carrying ``FORGET_TARGET`` (in host memory: label tokens × vocabulary values): ``model``'s
+    next-token log-probabilities at each label position; ``no_answer``: with the label's token removed
+    (``without_answer``)."""
     out_batches = []
     for batch in batches:
         out = label_logits(model, batch)
-        logits = out.logits
-        if without_answer:
-            logits = logits.clone()
-            logits[torch.arange(len(out.labels), device=logits.device), out.labels] = logits.min(-1).values - 30.0
-        out_batches.append({**batch, FORGET_TARGET: logits.log_softmax(-1).cpu()})
+        target = without_answer(out.logits, out.labels) if no_answer else out.logits.log_softmax(-1)
+        out_batches.append({**batch, FORGET_TARGET: target.cpu()})
     return out_batches
 
 
-def with_forget_targets(forget_loss: str, model: torch.nn.Module, data: UnlearnData) -> UnlearnData:
+def with_forget_targets(forget_loss: str, model: torch.nn.Module, data: UnlearnData, once: bool = False
+                        ) -> UnlearnData:
     """The data a forget loss trains on. ``kl_no_answer``: the forget batches carry the starting ``model``'s own
     log-probabilities without the answer (``with_answer_logprobs``): keep what the model predicted there, except the
-    answer. ``kl_base``: the batches must carry the base model's already (``kfade.suites.Suite.with_forget_targets``;
-    ConfigError otherwise). ``nll``: ``data`` unchanged."""
+    answer; with ``once`` (the objective is used at the starting weights only: a single K-FADE step) they are only
+    flagged ``OWN_TARGET`` and nothing is stored. ``kl_base``: the batches must carry the base model's already
+    (``kfade.suites.Suite.with_forget_targets``; ConfigError otherwise). ``nll``: ``data`` unchanged."""
     if forget_loss == "kl_base" and any(FORGET_TARGET not in b for b in data.forget):
         raise ConfigError("method.forget_loss", forget_loss, f"the forget batches carry no {FORGET_TARGET} "
                           "(kfade.suites.Suite.with_forget_targets adds the base model's)")
     if forget_loss != "kl_no_answer":
         return data
-    return dataclasses.replace(data, forget=with_answer_logprobs(model, data.forget, without_answer=True))
+    if once:
+        return dataclasses.replace(data, forget=[{**b, OWN_TARGET: True} for b in data.forget])
+    return dataclasses.replace(data, forget=with_answer_logprobs(model, data.forget, no_answer=True))
 
 
 def forget_objective(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The forget objective L_f of one batch, mean per label token (differentiable; see ``_forget_terms``)."""
-    if FORGET_TARGET not in batch:
+    if FORGET_TARGET not in batch and not batch.get(OWN_TARGET):
         return mean_token_nll(model, batch)
     objective = _forget_terms(model, batch)[0]
     return objective.sum() / max(objective.numel(), 1)
