@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from kfade.errors import ConfigError
 from kfade.pipeline import RunConfig, load_config
-from kfade.pipeline.console import method_knobs
+from kfade.pipeline.console import header, method_knobs
 from kfade.progress import library_bars
 from kfade.report.numbers import number
 from kfade.unlearn import METHODS, Method, build_method
@@ -53,6 +53,13 @@ def test_every_step_rule_and_solver_is_a_choice_of_the_config_and_reads_its_own_
     knobs = method_knobs(KFadeConfig(solver="cg", step_rule="trust_region"))
     assert knobs == ("solver=cg, step_rule=trust_region, kl_budget=0.1, n_steps=1, cg_iters=5, "
                      "forget_loss=kl_no_answer")
+
+
+@pytest.mark.parametrize(("method", "damping"), [("kfade", "global damping 0.001"),
+                                                   ("kfade_cg", "relative damping 0.1")])
+def test_header_names_the_damping_the_step_uses(method, damping, tmp_path):
+    config = load_config(composed(f"method={method}"))
+    assert f"curvature=ekfac ({damping})" in header(config, tmp_path, {"curvature": "ekfac", "method": method})
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -25,8 +25,11 @@ def header(config: RunConfig, run_dir: Path, choices: Mapping[str, str | None]) 
     model, dataset, curvature = config.model, config.dataset, config.curvature
     parts = [f"model={choices.get('model')} ({model.path or 'tiny, trained here'}, {model.device}, {model.dtype})",
              f"dataset={choices.get('dataset')} ({dataset.source}, {dataset.forget_split})"]
-    if config.uses_curvature:
-        parts.append(f"curvature={choices.get('curvature')} ({curvature.damping_mode} damping {curvature.damping})")
+    if config.uses_curvature:  # the damping the step uses: the method's override (kfade_cg's), else the group's
+        method = vars(config.method)
+        damping = curvature.damping if method.get("damping") is None else method["damping"]
+        mode = method.get("damping_mode") or curvature.damping_mode
+        parts.append(f"curvature={choices.get('curvature')} ({mode} damping {damping})")
     knobs = method_knobs(config.method) if config.method is not None else ""
     parts += [f"method={choices.get('method')}" + (f" ({knobs})" if knobs else ""),
               f"eval={choices.get('eval')}", f"logger={choices.get('logger')}"]
