@@ -161,6 +161,13 @@ def test_kl_no_answer_at_the_start_needs_no_stored_targets(trained, data):
         assert objective != pytest.approx(forget_objective(trained, data.forget[0]).item(), rel=1e-3)  # not the NLL
 
 
+def test_stored_forget_targets_that_would_fill_the_host_are_a_config_error(trained, data, monkeypatch):
+    monkeypatch.setattr("kfade.unlearn.losses.os.sysconf", lambda key: 4096 if key == "SC_PAGE_SIZE" else 16)  # 64 KiB
+    with pytest.raises(ConfigError, match=r"^method\.forget_loss='kl_no_answer': its forget targets need .* GB"):
+        with_forget_targets("kl_no_answer", trained, data)
+    assert with_forget_targets("kl_no_answer", trained, data, once=True).forget[0][OWN_TARGET]  # nothing stored
+
+
 def test_sequence_logprob_matches_float64_gather(tiny_model, tokenizer):
     batch = batches(tokenizer, FORGET, 4)[0]
     with torch.no_grad():

@@ -6,6 +6,7 @@ Labels follow the Hugging Face convention: ``logits[:, t]`` predicts ``labels[:,
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -104,9 +105,17 @@ def _forget_terms(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], no_answer: bool = False) -> list[Batch]:
-    """``batches`` carrying ``FORGET_TARGET`` (in host memory: label tokens × vocabulary values): ``model``'s
+    """``batches`` carrying ``FORGET_TARGET`` (in host memory: label tokens × vocabulary fp32 values): ``model``'s
     next-token log-probabilities at each label position; ``no_answer``: with the label's token removed
-    (``without_answer``)."""
+    (``without_answer``). ConfigError, before any pass, when they would take over half the machine's memory."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    need, host = count_label_tokens(batches) * vocab * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > host / 2:
+        raise ConfigError("method.forget_loss", "kl_no_answer" if no_answer else "kl_base",
+                          f"its forget targets need {need / 1e9:.1f} GB of host memory ({count_label_tokens(batches)} "
+                          f"forget tokens × {vocab} vocabulary × 4 bytes), over half of this machine's "
+                          f"{host / 1e9:.1f} GB; use one K-FADE step (method=kfade: nothing stored), "
+                          "method.forget_loss=nll, or a smaller forget set")
     out_batches = []
     for batch in batches:
         out = label_logits(model, batch)
