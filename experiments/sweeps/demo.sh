@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: K-FADE (default: CG steps on everything the model keeps, EK-FAC preconditioner) against gradient
+# `make demo`: K-FADE (default: one direct EK-FAC step on kl_no_answer, Ĝ on everything the model keeps) against gradient
 # ascent, GradDiff, NPO and RMU on mini-TOFU forget10, every method stopped at the same forget P̄ (0.38), then the
 # table and Pareto plot. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
 #   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
