@@ -40,6 +40,12 @@ def test_variants_separate_estimator_and_solver():
     assert variant({"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "cg", "hp/n_steps": 3,
                     "hp/fit_sets": "retain,general"}) == "kfade/ekfac/cg×3+general"
     assert variant({"method": "grad_diff", "hp/lr": 1e-4}) == "grad_diff"
+    # a forget objective other than the method's default is part of the variant (a sweep over it is not pooled)
+    kfade = {"method": "kfade", "hp/curvature/estimator": "ekfac", "hp/solver": "direct"}
+    assert variant({**kfade, "hp/forget_loss": "kl_no_answer"}) == "kfade/ekfac/direct"
+    assert variant({**kfade, "hp/forget_loss": "nll"}) == "kfade/ekfac/direct[nll]"
+    assert variant({"method": "grad_diff", "hp/forget_loss": "nll"}) == "grad_diff"
+    assert variant({"method": "grad_diff", "hp/forget_loss": "kl_no_answer"}) == "grad_diff[kl_no_answer]"
 
 
 def test_matched_rows_per_variant_and_level():

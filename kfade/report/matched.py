@@ -1,12 +1,13 @@
 """Methods compared at matched forgetting: each variant's metrics interpolated to fixed forget-set P̄ levels.
 
 A sweep varies each method's strength (K-FADE's target or η, a baseline's target P̄ or lr), so every variant
-(method + curvature estimator + solver, and K-FADE's step count when > 1) of every sweep sub-directory traces a
-curve of metric against forget P̄ (``forget/prob``). The levels are :data:`LEVELS` and ``retrain``: the retrain
-model's own forget P̄ (from the runs' ``retrain/forget/prob``), where a perfect unlearner's forget quality sits at
-the noise floor. At a level L the metric is interpolated linearly in log P̄ between the variant's two nearest runs
-on either side of L; a run within ``MATCH_TOLERANCE`` (relative) of L is taken as it is; a level outside the
-variant's swept range has no value (None; "—" in the markdown table).
+(method + curvature estimator + solver, K-FADE's step count when > 1, a forget objective other than the method's
+default) of every sweep sub-directory traces a curve of metric against forget P̄ (``forget/prob``). The levels
+are :data:`LEVELS` and ``retrain``: the retrain model's own forget P̄ (from the runs' ``retrain/forget/prob``),
+where a perfect unlearner's forget quality sits at the noise floor. At a level L the metric is interpolated
+linearly in log P̄ between the variant's two nearest runs on either side of L; a run within ``MATCH_TOLERANCE``
+(relative) of L is taken as it is; a level outside the variant's swept range has no value (None; "—" in the
+markdown table).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import defaultdict
 
 from kfade.eval.audits import HEADLINE_KEYS as AUDIT_KEYS
 from kfade.report.numbers import number as _number
+from kfade.unlearn import METHODS
 
 LEVELS = (0.62, 0.38, 0.10)
 RETRAIN_LEVEL = "retrain"  # the level at the retrain model's own forget P̄
@@ -33,14 +35,21 @@ SEEDS_PREFIX = "seeds_"  # a sweep ``seeds_<name>`` repeats sweep ``<name>`` at 
 def variant(row: dict) -> str:
     """``kfade/<estimator>/<solver>`` for K-FADE runs (solver ``direct`` when the run predates the solver
     option), with ``×<n>`` appended for n > 1 steps and ``+<set>`` for fitting sets besides retain; else the
-    method name."""
+    method name. Either way ``[<forget_loss>]`` follows when the run's forget objective is not its method's
+    default (runs that predate the option have none), so a sweep over objectives is never pooled."""
     method = str(row.get("method"))
+    loss = row.get("hp/forget_loss")
+    config = METHODS.get(method, (None,))[0]
+    if loss is not None and config is not None and loss != getattr(config(), "forget_loss", loss):
+        method_loss = f"[{loss}]"
+    else:
+        method_loss = ""
     if method != "kfade":
-        return method
+        return method + method_loss
     steps = row.get("hp/n_steps", 1)
     suffix = f"×{steps}" if steps not in (None, 1) else ""
     suffix += "".join(f"+{name}" for name in str(row.get("hp/fit_sets", "retain")).split(",") if name != "retain")
-    return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}{suffix}"
+    return f"kfade/{row.get('hp/curvature/estimator', '?')}/{row.get('hp/solver', 'direct')}{suffix}{method_loss}"
 
 
 def _cell(value: float | None) -> str:
