@@ -74,7 +74,8 @@ def test_layer_groups_keep_shared_inputs_together():
 
 
 def test_bf16_factors_precondition_within_the_stated_error():
-    """Storage in bf16 (eigh in fp64, applied in fp32): relative error of (Ĝ+δI)⁻¹g against fp32 factors."""
+    """Storage in bf16 (eigh in fp64, applied in fp32): relative error of (Ĝ+δI)⁻¹g against fp32 factors, at the
+    library's default damping (relative 0.1) and the run's default (global 1e-3)."""
     model = model32()
     errors = []
     for estimator in ("kfac", "ekfac"):
@@ -83,11 +84,12 @@ def test_bf16_factors_precondition_within_the_stated_error():
         params = dict(model.named_parameters())
         grads = {n: torch.randn_like(params[n]) for n in full.param_names}
         assert all(t.dtype == torch.bfloat16 for t in half.tensors.values())
-        a, b = full.precondition(grads), half.precondition(grads)
-        assert all(b[n].dtype == torch.float32 for n in b)
-        num = sum(float((a[n] - b[n]).double().square().sum()) for n in a)
-        den = sum(float(a[n].double().square().sum()) for n in a)
-        errors.append((num / den) ** 0.5)
+        for damping in ({}, {"damping": 1e-3, "damping_mode": "global"}):
+            a, b = full.precondition(grads, **damping), half.precondition(grads, **damping)
+            assert all(b[n].dtype == torch.float32 for n in b)
+            num = sum(float((a[n] - b[n]).double().square().sum()) for n in a)
+            den = sum(float(a[n].double().square().sum()) for n in a)
+            errors.append((num / den) ** 0.5)
     print(f"bf16 factors: relative error of the preconditioned gradient {errors}")
     assert 0 < max(errors) < BF16_REL_ERROR, errors
 
