@@ -18,7 +18,8 @@ def batches():
 
 @pytest.fixture(scope="module")
 def curvatures(model, batches):
-    return {e: fit_curvature(model, batches, CurvatureConfig(estimator=e, fisher="exact", damping=0.3))
+    return {e: fit_curvature(model, batches, CurvatureConfig(estimator=e, fisher="exact", damping=0.3,
+                                                              damping_mode="relative"))
             for e in ESTIMATORS}
 
 

@@ -189,7 +189,7 @@ def test_bf16_and_host_resident_cg_vectors(problem, tmp_path):
     """bf16 PCG vectors (fp64 dots) give nearly the fp32-or-wider direction; host-resident vectors give exactly it
     (on this machine the model's device is the host too: the path is the same code, moving nothing)."""
     model, data = problem
-    curvature = CurvatureConfig(estimator="ekfac", fisher="exact", damping=0.1)
+    curvature = CurvatureConfig(estimator="ekfac", fisher="exact", damping=0.1, damping_mode="relative")
     kwargs = {"step_rule": "fixed", "step_size": 1.0, "cg_iters": 5, "cg_tol": 0.0}
     _, full = run(model, data, tmp_path, curvature, **kwargs)
     _, offloaded = run(model, data, tmp_path, curvature, cg_offload="cpu", **kwargs)

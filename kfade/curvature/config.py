@@ -28,8 +28,8 @@ class CurvatureConfig:
     estimator: str = "ekfac"  # kfac | ekfac | diagonal | identity (kfade.curvature.estimators)
     fisher: str = "mc"  # mc (labels sampled from the model) | empirical (data labels) | exact (all classes)
     mc_samples: int = 1  # label draws per token for fisher=mc
-    damping: float = 0.1  # δ (absolute) or α in δ = α·mean eigenvalue of each layer (relative) or of Ĝ (global)
-    damping_mode: str = "relative"  # absolute | relative (per layer) | global (one δ for every layer)
+    damping: float = 1e-3  # δ (absolute) or α in δ = α·mean eigenvalue of each layer (relative) or of Ĝ (global)
+    damping_mode: str = "global"  # absolute | relative (per layer) | global (one δ for every layer; the default)
     modules: str = DEFAULT_MODULES  # regex searched in nn.Linear module names (re.search)
     max_batches: int | None = None  # stop after this many batches (None: all)
     max_tokens: int | None = None  # stop once this many label tokens were used (None: all)
