@@ -9,6 +9,9 @@ from kfade.models.load import DTYPES
 from kfade.models.tiny import SPECIAL_TOKENS, TinyLlamaSpec
 from kfade.models.train import TrainRecipe
 
+NO_BASE_MODEL = ("method.forget_loss=kl_base needs a model that never learnt the forget set (the pretrained base, "
+                 "e.g. TOFU's chat model); none is known for this model")  # model.base_path's ConfigError
+
 
 @dataclass
 class ModelConfig:

@@ -22,7 +22,7 @@ from kfade.data.config import DatasetConfig
 from kfade.distributed import DistributedConfig
 from kfade.errors import ConfigError, require_range
 from kfade.eval.config import EvalConfig
-from kfade.models.config import ModelConfig
+from kfade.models.config import NO_BASE_MODEL, ModelConfig
 from kfade.plan import MemoryConfig
 from kfade.preflight import check_run
 from kfade.progress import shown
@@ -101,8 +101,7 @@ def load_config(cfg: Mapping) -> RunConfig:
     config = RunConfig(model, model, dataset, eval_cfg, logger, options, name, method, curvature, memory, objective,
                        sharing)
     if method is not None and method.uses_forget_targets() and not model.knows_base:
-        raise ConfigError("model.base_path", None, "method.forget_loss=kl_base needs a model that never learnt the "
-                          "forget set (the pretrained base, e.g. TOFU's chat model); none is known for this model")
+        raise ConfigError("model.base_path", None, NO_BASE_MODEL)
     if sharing.strategy == "fsdp":
         check_sharded(config)
     if not options.dry_run:

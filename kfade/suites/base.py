@@ -20,6 +20,7 @@ from kfade.errors import ConfigError
 from kfade.eval import mean_token_kl
 from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.eval.config import EvalConfig
+from kfade.models.config import NO_BASE_MODEL
 from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
 from kfade.unlearn.losses import with_answer_logprobs
@@ -54,8 +55,7 @@ class Suite:
         (``with_answer_logprobs``; the base never learnt the forget set: ``model.base_path``, or the tiny models'
         pretrained base), for ``method.forget_loss=kl_base``. The base is loaded, used and released here."""
         if self.load_base is None:
-            raise ConfigError("model.base_path", None, "method.forget_loss=kl_base needs a model that never learnt "
-                              "the forget set (the pretrained base, e.g. TOFU's chat model); this run has none")
+            raise ConfigError("model.base_path", None, NO_BASE_MODEL)
         return dataclasses.replace(data, forget=with_answer_logprobs(self.load_base(), data.forget))
 
     def retain_features(self) -> list[dict]:

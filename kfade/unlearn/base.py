@@ -80,9 +80,9 @@ class MethodConfig:
         return False
 
     def uses_forget_targets(self) -> bool:
-        """Whether its forget batches must carry a non-knowing model's log-probabilities (``forget_loss=kl_base``:
-        ``kfade.unlearn.losses.FORGET_TARGET``; the pipeline adds them)."""
-        return False
+        """Whether its forget batches must carry a non-knowing model's log-probabilities (a ``forget_loss`` field
+        set to ``kl_base``: ``kfade.unlearn.losses.FORGET_TARGET``; the pipeline adds them)."""
+        return getattr(self, "forget_loss", None) == "kl_base"
 
     def trained_pattern(self) -> str | None:
         """Regex (``re.search``) of the parameter names the method updates; None: every parameter."""

@@ -32,8 +32,6 @@ class GradDiffConfig(FirstOrderConfig):
         require_nonnegative(self, "forget_weight", "retain_weight")
         require_choice(self, "forget_loss", FORGET_LOSSES)
 
-    def uses_forget_targets(self) -> bool:
-        return self.forget_loss == "kl_base"
 
     def keeps_frozen_copy(self) -> bool:
         """The KL retain term compares with the frozen starting model."""

@@ -108,8 +108,10 @@ class KFadeConfig(MethodConfig):
     #   prediction with the answer token removed) | nll (ascend the answers' NLL: the paper's) | kl_base (descend
     #   KL(base ‖ θ) on the forget answers, base: a model that never learnt them, model.base_path)
 
-    def uses_forget_targets(self) -> bool:
-        return self.forget_loss == "kl_base"
+    @property
+    def step_cap(self) -> int:
+        """The most steps a run takes: ``max_steps``, or ``n_steps`` when it is None (never split)."""
+        return self.max_steps or self.n_steps
 
     def plan_fields(self) -> dict:
         return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload}
@@ -208,8 +210,8 @@ class KFade:
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
-        single_step = (self.cfg.max_steps or self.cfg.n_steps) == 1  # the objective is used at the start only
-        data = with_forget_targets(self.cfg.forget_loss, model, data, once=single_step)
+        once = self.cfg.step_cap == 1  # one step: the forget objective is only used at the starting weights
+        data = with_forget_targets(self.cfg.forget_loss, model, data, once=once)
         emit = log or (lambda record: None)
         start = time.perf_counter()
         curvature = load_or_fit(model, lambda: data.fit, self.curvature_cfg, self.cache_root, data.fit_fingerprint,
@@ -297,7 +299,7 @@ class KFade:
             measured, predicted = check(model, eta_taken)
             ratio = measured / max(predicted, TINY_KL)
             step.record |= {"check_kl": measured, "check_predicted_kl": predicted, "kl_ratio": ratio}
-            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or step.plan >= (cfg.max_steps or cfg.n_steps):
+            if 1 / cfg.max_kl_ratio <= ratio <= cfg.max_kl_ratio or step.plan >= cfg.step_cap:
                 break
             restore(model, step.saved)  # undo; one more step, this one shorter
             step.plan, splits = step.plan + 1, splits + 1

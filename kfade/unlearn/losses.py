@@ -108,11 +108,11 @@ def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], no_an
     """``batches`` carrying ``FORGET_TARGET`` (in host memory: label tokens × vocabulary fp32 values): ``model``'s
     next-token log-probabilities at each label position; ``no_answer``: with the label's token removed
     (``without_answer``). ConfigError, before any pass, when they would take over half the machine's memory."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    need, host = count_label_tokens(batches) * vocab * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    tokens, vocab = count_label_tokens(batches), model.get_output_embeddings().weight.shape[0]
+    need, host = tokens * vocab * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > host / 2:
         raise ConfigError("method.forget_loss", "kl_no_answer" if no_answer else "kl_base",
-                          f"its forget targets need {need / 1e9:.1f} GB of host memory ({count_label_tokens(batches)} "
+                          f"its forget targets need {need / 1e9:.1f} GB of host memory ({tokens} "
                           f"forget tokens × {vocab} vocabulary × 4 bytes), over half of this machine's "
                           f"{host / 1e9:.1f} GB; use one K-FADE step (method=kfade: nothing stored), "
                           "method.forget_loss=nll, or a smaller forget set")
