@@ -33,8 +33,7 @@ PAPERS = {
     "paper_wmdp_llama3_8b": Paper("meta-llama--Meta-Llama-3-8B-Instruct", ("method=grad_ascent", "method.epochs=1")),
 }
 # experiments/sweeps/paper_*.sh's K-FADE job at the middle of its η grid
-KFADE = ("method=kfade", "method.forget_loss=nll", "method.step_rule=fixed", "method.n_steps=1",
-         "method.step_size=5e-3")
+KFADE = ("method=kfade_paper", "method.step_size=5e-3")
 SIZES = ("eval.max_new_tokens=4", "progress=false", "logger.mode=disabled")  # W&B's calls without its service
 WMDP_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")
 

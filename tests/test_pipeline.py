@@ -51,7 +51,7 @@ def test_every_step_rule_and_solver_is_a_choice_of_the_config_and_reads_its_own_
     for solver in SOLVERS:
         assert set(SOLVERS[solver].knobs) <= fields and KFadeConfig(solver=solver).solver == solver
     knobs = method_knobs(KFadeConfig(solver="cg", step_rule="trust_region"))
-    assert knobs == ("solver=cg, step_rule=trust_region, kl_budget=0.1, n_steps=1, cg_iters=5, "
+    assert knobs == ("solver=cg, step_rule=trust_region, kl_budget=0.1, n_steps=3, cg_iters=2, cg_batches=8, "
                      "forget_loss=kl_no_answer")
 
 

@@ -13,6 +13,7 @@ from kfade.report.matched import (
     MATCHED_METRICS,
     interpolate_at,
     matched_csv,
+    matched_markdown,
     matched_rows,
     variant,
 )
@@ -103,6 +104,15 @@ def test_report_writes_matched_files(tmp_path, capsys):
     markdown = (tmp_path / "matched.md").read_text()
     assert "| grad_diff | 0.62 | 0.62 |" in markdown and "—" in markdown
     assert markdown in capsys.readouterr().out
+
+
+def test_matched_markdown_leaves_out_levels_no_variant_reaches():
+    rows = [{"method": m, "forget/prob": p, "kl_reference/retain": 0.1} for m in ("npo", "grad_diff")
+            for p in (0.38, 0.381)]
+    records = matched_rows(rows)
+    assert {r["level"] for r in records} == {"0.62", "0.38", "0.1"}  # the CSV keeps every level
+    lines = matched_markdown(records).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["0.38", "0.38"]
 
 
 def test_general_text_columns_appear_when_the_runs_have_them(tmp_path):

@@ -40,7 +40,8 @@ def test_compare_queues_every_sweep_at_every_level_and_skip_leaves_some_out(tmp_
         for sweep in ("kfade_default", "kfade_cg"):
             assert f"method.target_forget_prob={target}" in sweeps[f"{sweep}/{level}"].split()
     assert "method=kfade_cg" in sweeps["kfade_cg/retrain"].split()
-    assert "method.forget_loss=nll" in sweeps["kfade_direct"].split()  # the paper's step
+    assert {"method=kfade_direct", "method.forget_loss=nll"} <= set(sweeps["kfade_direct"].split())  # the paper's
+    assert "method=kfade_direct" in sweeps["kfade_onestep"].split()
     assert "method.target_forget_prob=0.62,0.38,0.1,0.0813" in sweeps["grad_diff"].split()
     assert {"none", "seeds_kfade_default", "seeds_grad_diff", "grad_ascent", "npo", "rmu"} <= set(sweeps)
     skipped = {sweep_of(j) for j in queued_jobs(tmp_path / "skip", SKIP=r"kfade_cg/0\.|rmu")}

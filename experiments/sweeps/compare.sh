@@ -6,10 +6,12 @@
 # (method.target_forget_prob); RMU, which cannot stop early without collapsing, keeps a learning-rate grid
 # (interpolated). Sweeps per regime (DIR/<regime>/<sweep>/…):
 #   none            the reference models (reference, retrain, noise floor = a second retrain seed)
-#   kfade_default   K-FADE with its defaults (one direct EK-FAC step on kl_no_answer), one sub-sweep per level
-#   kfade_cg        method=kfade_cg: exact Gauss-Newton products (PCG), 3–6 steps, one sub-sweep per level
-#   kfade_direct    the paper's direct EK-FAC step: NLL ascent, Ĝ on the retain split, one step, one global
-#                   damping (0.1 × Ĝ's mean eigenvalue)
+#   kfade_default   K-FADE with its defaults (3 steps × 2 warm-started PCG iterations on kl_no_answer, exact
+#                   products on 8 fitting batches), one sub-sweep per level
+#   kfade_cg        method=kfade_cg: 5 PCG iterations on every fitting batch, 3–6 steps, one sub-sweep per level
+#   kfade_onestep   method=kfade_direct: one direct EK-FAC step on kl_no_answer, no exact products
+#   kfade_direct    the paper's direct EK-FAC step: method=kfade_direct on the answers' NLL, Ĝ on the retain split,
+#                   one global damping (0.1 × Ĝ's mean eigenvalue)
 #   grad_diff, grad_ascent, npo   AdamW at the mini configs' learning rate, stopped at the level
 #   rmu             learning-rate grid
 #   seeds_kfade_default, seeds_grad_diff   P̄ 0.38 with model-training and method seeds 1 and 2 (seed 0: above)
@@ -59,7 +61,8 @@ for r in $REGIMES; do
   queue+=("$r seeds_kfade_default method=kfade method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
   targets=$(IFS=,; echo "${LEVELS[*]},$retrain")
   queue+=("$r seeds_grad_diff method=mini/grad_diff $CAP method.target_forget_prob=0.38 seed=1,2 model.recipe.seed=\\\${seed}")
-  queue+=("$r kfade_direct method=kfade method.forget_loss=nll dataset.fit_sets=[retain] method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
+  queue+=("$r kfade_onestep method=kfade_direct method.target_forget_prob=$targets")
+  queue+=("$r kfade_direct method=kfade_direct method.forget_loss=nll dataset.fit_sets=[retain] method.damping=0.1 method.damping_mode=global method.target_forget_prob=$targets")
   for m in grad_diff grad_ascent npo; do
     queue+=("$r $m method=mini/$m $CAP method.target_forget_prob=$targets")
   done

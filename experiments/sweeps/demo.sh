@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: K-FADE (default: one direct EK-FAC step on kl_no_answer, Ĝ on everything the model keeps) against gradient
-# ascent, GradDiff, NPO and RMU on mini-TOFU forget10, every method stopped at the same forget P̄ (0.38), then the
-# table and Pareto plot. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
+# `make demo`: K-FADE (default: 3 PCG-solved Gauss-Newton steps on kl_no_answer, Ĝ on what the model keeps) against
+# gradient ascent, GradDiff, NPO and RMU on mini-TOFU forget10, every method stopped at the same forget P̄ (0.38),
+# then the table and Pareto plot. The first run trains the tiny reference and retrain models (~3 min on 2 cores).
 #   experiments/sweeps/demo.sh [SWEEP_DIR] [extra Hydra overrides…]
 source "$(dirname "$0")/_env.sh"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # the mini benchmark needs no hub; do not wait on one

@@ -17,8 +17,8 @@ for pair in forget01:retain99 forget05:retain95 forget10:retain90; do
   split=${pair%%:*}
   common=(experiment="paper_tofu_$MODEL" dataset.forget_split="$split" model.retrain_path="$RETAIN_ROOT/${pair#*:}"
           progress=false)
-  "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$split/kfade" method=kfade \
-    method.solver="$SOLVERS" method.forget_loss=nll method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
+  "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$split/kfade" method=kfade_paper \
+    method.solver="$SOLVERS" method.step_size=2.5e-3,5e-3,1.1e-2 \
     "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$split/baselines" \
     method=grad_ascent,grad_diff,npo "${EXTRA[@]}"

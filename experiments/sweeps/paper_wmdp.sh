@@ -16,8 +16,8 @@ for pair in bio:bio_remove_dataset cyber:cyber-forget-corpus; do
   corpus=${pair%%:*}
   common=(experiment="paper_wmdp_$MODEL" dataset.source="$WMDP_DIR" "dataset.forget_corpora=[${pair#*:}]"
           progress=false)
-  "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/kfade" method=kfade \
-    method.solver="$SOLVERS" method.forget_loss=nll method.step_rule=fixed method.n_steps=1 method.step_size=2.5e-3,5e-3,1.1e-2 \
+  "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/kfade" method=kfade_paper \
+    method.solver="$SOLVERS" method.step_size=2.5e-3,5e-3,1.1e-2 \
     "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/rmu" method=rmu "${EXTRA[@]}"
   "$PY" experiments/run.py -m "${common[@]}" hydra.sweep.dir="$DIR/$corpus/ga" method=grad_ascent method.epochs=1 \

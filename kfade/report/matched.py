@@ -128,9 +128,13 @@ def markdown_cells(head: list[str], rows: list[list[str]]) -> str:
 
 
 def matched_markdown(records: list[dict]) -> str:
+    """The matched table; a level no variant reaches (a sweep at one target P̄, like ``make demo``'s) is left
+    out (``matched_csv`` keeps every level)."""
     metrics = columns_of(records)
+    reached = {r["level"] for r in records if any(r[m] is not None for m in metrics)}
     rows = [[r["name"], r["level"], f"{r['forget_prob']:.3g}", *("—" if r[m] is None else f"{r[m]:.4g}"
-                                                                 for m in metrics)] for r in records]
+                                                                 for m in metrics)]
+            for r in records if r["level"] in reached]
     return markdown_cells(["variant", "level", "forget_prob", *metrics], rows) + "\n"
 
 

@@ -3,8 +3,10 @@
 Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the forget objective at the current
 weights (``forget_loss``: by default −KL(q ‖ p_θ) on the forget answers, q the starting model's own prediction
 with the answer token removed; ``nll``: the mean label-token NLL, the paper's) and G the retain-set Gauss-Newton
-matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean per-token KL(p_θ ‖ p_θ+Δ), nats). The default is one direct step
-p = (Ĝ + δI)⁻¹∇L_f with one global δ (conf/method/kfade.yaml; ``kfade_cg.yaml``: 3–6 CG steps). Ĝ, the fitted
+matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean per-token KL(p_θ ‖ p_θ+Δ), nats). The default is 3 steps, each p
+by 2 PCG iterations on exact GGN products over 8 fitting batches, preconditioned by (Ĝ + δI) with one global δ and
+warm-started from the previous step's p (conf/method/kfade.yaml; ``kfade_direct.yaml``: one direct step
+p = (Ĝ + δI)⁻¹∇L_f; ``kfade_cg.yaml``: 5 iterations on every batch). Ĝ, the fitted
 curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on ``data.fit`` at the starting weights
 (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps reuse it). A step is: forget gradient
 → direction p (``solver``: direct or cg, ``kfade.unlearn.solvers``) → η (``step_rule``: fixed, normalized,
@@ -79,24 +81,24 @@ class KFadeConfig(MethodConfig):
     """K-FADE step settings; the curvature's own settings come separately as a ``CurvatureConfig``."""
 
     name: str = "kfade"  # method name (registry key)
-    solver: str = "direct"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
+    solver: str = "cg"  # direct ((Ĝ+δI)⁻¹g) | cg (PCG on the exact GGN, preconditioned by Ĝ)
     step_rule: str = "target_forget"  # fixed | normalized | trust_region | target_forget (kfade.unlearn.step_rules)
     step_size: float = 5e-3  # η (fixed; the paper reports 2.5e-3 … 1.1e-2) or ‖Δ‖₂ (normalized)
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
-    n_steps: int = 1  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
-    max_steps: int | None = None  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
+    n_steps: int = 3  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
+    max_steps: int | None = 6  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
     #                               split)
     max_kl_ratio: float | None = 2.0  # split a step whose measured KL / ½ΔᵀGΔ is > this or < 1/this (None: off)
     check_batches: int = 4  # fitting batches (evenly spaced) on which the safeguard measures and predicts KL
     max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
     damping: float | None = None  # δ override (absolute) or α (relative, global); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative | global override; None → the curvature config's
-    cg_iters: int = 5  # cg: maximum PCG iterations per step (truncation regularises; docs/results.md)
+    cg_iters: int = 2  # cg: maximum PCG iterations per step (truncation regularises; docs/results.md)
     cg_tol: float = 1e-4  # cg: stop once ‖g − (G+λI)p‖ ≤ cg_tol·‖g‖
     cg_damping: float = 0.1  # cg: λ, × the mean eigenvalue of G (relative) or in GGN units (absolute)
     cg_damping_mode: str = "relative"  # cg: relative | absolute
-    cg_batches: int | None = None  # cg: fitting batches used for the G products (evenly spaced); None: all
+    cg_batches: int | None = 8  # cg: fitting batches used for the G products (evenly spaced); None: all
     cg_dtype: str = "float32"  # cg: PCG vectors x, r, z, p, (G+λI)p in float32 (fp64 for a fp64 model) | bfloat16
     cg_offload: str = "none"  # cg: none (vectors on the model's device) | cpu (host memory; only the vector of a
     #   product or a preconditioning visits the device)

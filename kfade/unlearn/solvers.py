@@ -68,7 +68,7 @@ class Direct(Solver):
 
 
 class CG(Solver):
-    knobs = ("cg_iters",)
+    knobs = ("cg_iters", "cg_batches")
     vectors = ("x", "r", "z", "p", "(G+λI)p", "new x", "new r")  # at peak, during the update (kfade.curvature.cg)
     products = True
 
