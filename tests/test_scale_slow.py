@@ -28,8 +28,8 @@ def test_gpu_check_runs_on_cpu_with_tiny(capsys):
 def test_optuna_mini_sweep_on_the_tiny_default(tmp_path):
     """Two Optuna trials over η and λ on the embedded mini-TOFU; each returns its objective to the sweeper."""
     out = subprocess.run(
-        [sys.executable, "experiments/run.py", "-m", "hydra/sweeper=eta_lambda", "method=kfade_paper", "hydra.sweeper.n_trials=2",
-         "hydra.sweeper.sampler.n_startup_trials=2", "logger=none", "progress=false",
+        [sys.executable, "experiments/run.py", "-m", "hydra/sweeper=eta_lambda", "method=kfade_paper",
+         "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", "logger=none", "progress=false",
          f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     best = (tmp_path / "optimization_results.yaml").read_text()
