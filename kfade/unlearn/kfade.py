@@ -87,7 +87,7 @@ class KFadeConfig(MethodConfig):
     kl_budget: float = 0.1  # ε for trust_region: allowed ½Δᵀ(G+λI)Δ per step, nats per token
     target_forget_prob: float = 0.38  # target_forget: forget-set P̄ after the last step, in (0, 1)
     n_steps: int = 3  # Gauss-Newton steps at least, each with a fresh forget gradient (the paper uses 1–5)
-    max_steps: int | None = 6  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
+    max_steps: int | None = None  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
     #                               split)
     max_kl_ratio: float | None = 2.0  # split a step whose measured KL / ½ΔᵀGΔ is > this or < 1/this (None: off)
     check_batches: int = 4  # fitting batches (evenly spaced) on which the safeguard measures and predicts KL
