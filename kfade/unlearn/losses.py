@@ -114,7 +114,7 @@ def with_answer_logprobs(model: torch.nn.Module, batches: Sequence[Batch], no_an
         raise ConfigError("method.forget_loss", "kl_no_answer" if no_answer else "kl_base",
                           f"its forget targets need {need / 1e9:.1f} GB of host memory ({tokens} "
                           f"forget tokens × {vocab} vocabulary × 4 bytes), over half of this machine's "
-                          f"{host / 1e9:.1f} GB; use one K-FADE step (method=kfade: nothing stored), "
+                          f"{host / 1e9:.1f} GB; use one K-FADE step (method=kfade_direct: nothing stored), "
                           "method.forget_loss=nll, or a smaller forget set")
     out_batches = []
     for batch in batches:
