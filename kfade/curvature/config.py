@@ -43,6 +43,11 @@ class CurvatureConfig:
     def __post_init__(self):
         self.validate()
 
+    def damping_of(self, damping: float | None = None, damping_mode: str | None = None) -> tuple[float, str]:
+        """(δ or α, mode) a step uses: the overrides given (a method's ``damping``/``damping_mode``), else these."""
+        return (self.damping if damping is None else damping,
+                self.damping_mode if damping_mode is None else damping_mode)
+
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid field."""
         if self.estimator not in ESTIMATORS:

@@ -79,8 +79,7 @@ class Curvature:
         (absolute: e.g. the λ of a system (G + λI)x = g this preconditions). Defaults from the config; computed
         in fp32 (fp64 for a fp64 fit), returned in each grad's dtype under the same keys. Cached tensors are never
         modified."""
-        damping = self.config.damping if damping is None else damping
-        damping_mode = self.config.damping_mode if damping_mode is None else damping_mode
+        damping, damping_mode = self.config.damping_of(damping, damping_mode)
         if not float(damping) >= 0:
             raise ConfigError("damping", damping, "must be ≥ 0")
         if damping_mode not in DAMPING_MODES:

@@ -63,8 +63,7 @@ class ShardedCurvature(Curvature):
                      damping_mode: str | None = None, shift: float = 0.0) -> dict[str, torch.Tensor]:
         """(Ĝ + δI)⁻¹ g for ``DTensor`` row shards ``grads`` (see ``Curvature.precondition``), on each layer's
         owner; the result is sharded like ``grads``. A non-finite layer is ConfigError on every rank."""
-        damping = self.config.damping if damping is None else damping
-        damping_mode = self.config.damping_mode if damping_mode is None else damping_mode
+        damping, damping_mode = self.config.damping_of(damping, damping_mode)
         if damping_mode == "global":  # one δ for every layer: resolved on every rank (a collective)
             damping, damping_mode = damping * (self.mean_eigenvalue() or 1.0), "absolute"
         out, failed = {}, None

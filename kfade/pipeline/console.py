@@ -27,8 +27,7 @@ def header(config: RunConfig, run_dir: Path, choices: Mapping[str, str | None]) 
              f"dataset={choices.get('dataset')} ({dataset.source}, {dataset.forget_split})"]
     if config.uses_curvature:  # the damping the step uses: the method's override (kfade_cg's), else the group's
         method = vars(config.method)
-        damping = curvature.damping if method.get("damping") is None else method["damping"]
-        mode = method.get("damping_mode") or curvature.damping_mode
+        damping, mode = curvature.damping_of(method.get("damping"), method.get("damping_mode"))
         parts.append(f"curvature={choices.get('curvature')} ({mode} damping {damping})")
     knobs = method_knobs(config.method) if config.method is not None else ""
     parts += [f"method={choices.get('method')}" + (f" ({knobs})" if knobs else ""),

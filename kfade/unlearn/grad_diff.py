@@ -32,7 +32,6 @@ class GradDiffConfig(FirstOrderConfig):
         require_nonnegative(self, "forget_weight", "retain_weight")
         require_choice(self, "forget_loss", FORGET_LOSSES)
 
-
     def keeps_frozen_copy(self) -> bool:
         """The KL retain term compares with the frozen starting model."""
         return self.retain_loss == "kl" and self.retain_weight > 0
