@@ -7,6 +7,9 @@ as JSON. With ``--paper tofu|wmdp`` it prints the paper table of a paper sweep (
 one subdirectory per forget split / corpus) and writes it to ``paper.md``. With ``--regimes`` the directory holds
 one sweep per regime (``experiments/sweeps/compare.sh``): it prints their matched tables side by side
 and writes ``regimes.md``. Bad input: one line on stderr, exit code 2.
+
+As a Hydra callback (``hydra/callbacks=report``: :class:`SweepReport`) the sweep's own process writes the report once
+its jobs are done.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from kfade.cache import atomic_path
 from kfade.errors import ConfigError
@@ -41,6 +47,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def summarise(sweep_dir: str | Path) -> None:
+    """Write and print the report of one sweep directory."""
+    _, markdown = write_report(sweep_dir)
+    print(markdown, end="")
+    root = Path(sweep_dir)
+    print(f"\nwritten: {root / 'report.md'}, {root / 'report.csv'}, plot: {root / 'pareto.png'}")
+
+
+class SweepReport(Callback):
+    """Hydra callback: the report of a multirun, written by the sweeping process at its end (a bad sweep is one
+    line on stderr; the jobs' results stand)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            summarise(config.hydra.sweep.dir)
+        except ConfigError as err:
+            print(f"report: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -56,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_regimes_report(args.sweep_dir), end="")
             print(f"\nwritten: {Path(args.sweep_dir) / 'regimes.md'}")
         else:
-            _, markdown = write_report(args.sweep_dir)
-            print(markdown, end="")
-            root = Path(args.sweep_dir)
-            print(f"\nwritten: {root / 'report.md'}, {root / 'report.csv'}, plot: {root / 'pareto.png'}")
+            summarise(args.sweep_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from scipy import stats
 
 from kfade.eval.tofu_logs import write_tofu_logs
@@ -96,6 +97,24 @@ def test_empty_dir_is_one_line_error_with_exit_code_2(tmp_path, capsys):
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("error: report.dir=")
     assert "no readable results.json" in err
+
+
+def test_hydra_callback_writes_the_sweeps_report_and_never_raises(sweep_dir, tmp_path, capsys):
+    """``hydra/callbacks=report``: the sweeping process writes what the CLI writes; a sweep with no results is one
+    line on stderr, not an exception at the end of the jobs."""
+    callback = runpy.run_path(str(CLI))["SweepReport"]()
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    written = {name: (sweep_dir / name).read_bytes() for name in ("report.md", "report.csv")}
+    assert written["report.md"].decode() in capsys.readouterr().out
+    assert report_main([str(sweep_dir)]) == 0
+    assert {name: (sweep_dir / name).read_bytes() for name in written} == written
+    capsys.readouterr()
+
+    empty = tmp_path / "empty"
+    (empty / "0" / ".hydra").mkdir(parents=True)
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}}))
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("report: report.dir=")
 
 
 def test_log_axes_where_values_span_decades():

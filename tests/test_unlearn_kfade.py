@@ -31,19 +31,20 @@ def step_taken(before: dict, model) -> dict:
             if not torch.equal(p, before[n])}
 
 
-def reference_gradient(tokenizer) -> dict:
-    """∇L_f in float64 from the Hugging Face loss on the whole forget set in one batch."""
+def reference_gradient(tokenizer, rows=FORGET) -> dict:
+    """∇ of the mean answer NLL of ``rows`` (∇L_f by default) in float64, from the Hugging Face loss on all of them
+    in one batch."""
     model = make_tiny_llama(tokenizer).double()
-    model(**qa_batches(FORGET, QAFormatter(tokenizer), len(FORGET))[0]).loss.backward()
+    model(**qa_batches(rows, QAFormatter(tokenizer), len(rows))[0]).loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
 def run(model, data, cache, curvature=IDENTITY, **cfg):
-    """One plain direct trust-region step on the forget NLL (no quadratic-regime check) unless the test says
-    otherwise."""
+    """One plain direct trust-region step on the forget NLL (no retain term, no quadratic-regime check) unless the
+    test says otherwise."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = {"n_steps": 1, "max_backtracks": 0, "solver": "direct", "step_rule": "trust_region", "max_kl_ratio": None,
-           "forget_loss": "nll", **cfg}
+           "forget_loss": "nll", "retain_weight": 0.0, **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     history = method.run(model, data)
     return method, history, step_taken(before, model)
@@ -108,7 +109,8 @@ def test_history_timings_and_cache_reuse(tokenizer, tmp_path):
     data, records = qa_data(tokenizer), []
     curvature = CurvatureConfig(estimator="ekfac", damping=0.1, damping_mode="relative")
     method = build_method("kfade", {"step_size": 0.5, "step_rule": "normalized", "n_steps": 3, "max_steps": 3,
-                                    "solver": "direct"}, curvature=curvature, cache_root=tmp_path)
+                                    "solver": "direct", "retain_weight": 0.0}, curvature=curvature,
+                          cache_root=tmp_path)  # retain term off: on a random model it outweighs the ascent
     history = method.run(make_tiny_llama(tokenizer), data, log=records.append)
     assert records == history and [r["step"] for r in history] == [0, 1, 2, 3]
     assert set(history[1]) == {"step", "forget_nll", "forget_prob", "retain_kl", "predicted_kl", "step_norm", "eta",
@@ -144,6 +146,24 @@ def test_non_finite_step_is_rolled_back(tokenizer, tmp_path):
 def test_bad_kfade_config_names_its_field(field, value):
     with pytest.raises(ConfigError, match=rf"^method\.{field}="):
         KFadeConfig(**{field: value})
+
+
+def test_retain_term_steps_along_the_forget_minus_weighted_retain_gradient(tokenizer, tmp_path):
+    """retain_weight μ: with identity curvature the normalized step is along g = ∇L_f − μ∇L_r, ∇L_r the retain
+    answers' mean NLL gradient (all retain batches here: fewer than retain_batches)."""
+    _, _, delta = run(make_tiny_llama(tokenizer), qa_data(tokenizer), tmp_path, step_rule="normalized",
+                      step_size=0.05, retain_weight=2.0)
+    forget, retain = reference_gradient(tokenizer), reference_gradient(tokenizer, RETAIN)
+    g = {n: forget[n] - 2.0 * retain[n] for n in delta}
+    norm = math.sqrt(sum(float(t.square().sum()) for t in g.values()))
+    for name, d in delta.items():
+        torch.testing.assert_close(d / 0.05, g[name] / norm, rtol=0, atol=1e-6)
+    cosine = sum(float((delta[n] * forget[n]).sum()) for n in delta) / 0.05 / math.sqrt(
+        sum(float(forget[n].square().sum()) for n in delta))
+    assert cosine < 0.99  # the retain term turned the step away from plain gradient ascent
+    no_retain = UnlearnData(forget=qa_data(tokenizer).forget, fit=qa_data(tokenizer).retain)
+    with pytest.raises(ConfigError, match=r"^method\.retain_weight=2\.0: needs retain batches"):
+        run(make_tiny_llama(tokenizer), no_retain, tmp_path, retain_weight=2.0)
 
 
 def test_kfade_needs_fitting_batches(tokenizer, tmp_path):

@@ -24,7 +24,7 @@ def problem():
 
 
 def run(model, data, cache, curvature, records=None, **cfg):
-    cfg = {"solver": "cg", "n_steps": 1, "max_kl_ratio": None, "forget_loss": "nll", **cfg}
+    cfg = {"solver": "cg", "n_steps": 1, "max_kl_ratio": None, "forget_loss": "nll", "retain_weight": 0.0, **cfg}
     method = build_method("kfade", cfg, curvature=curvature, cache_root=cache)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     history = method.run(model, data, log=None if records is None else records.append)

@@ -1,12 +1,15 @@
 """K-FADE: uphill Gauss-Newton steps on the forget loss, preconditioned by the retain-set curvature.
 
-Each step takes Δ = η·p with p ≈ (G + λI)⁻¹∇L_f(θ), ∇L_f the gradient of the forget objective at the current
-weights (``forget_loss``: by default −KL(q ‖ p_θ) on the forget answers, q the starting model's own prediction
-with the answer token removed; ``nll``: the mean label-token NLL, the paper's) and G the retain-set Gauss-Newton
-matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean per-token KL(p_θ ‖ p_θ+Δ), nats). The default is 3 steps, each p
-by 2 PCG iterations on exact GGN products over 8 fitting batches, preconditioned by (Ĝ + δI) with one global δ and
-warm-started from the previous step's p (conf/method/kfade.yaml; ``kfade_direct.yaml``: one direct step
-p = (Ĝ + δI)⁻¹∇L_f; ``kfade_cg.yaml``: 5 iterations on every batch). Ĝ, the fitted
+Each step takes Δ = η·p with p ≈ (G + λI)⁻¹g, g = ∇L_f(θ) − μ∇L_r(θ) at the current weights: L_f the forget
+objective (``forget_loss``: by default −KL(q ‖ p_θ) on the forget answers, q the starting model's own prediction
+with the answer token removed; ``nll``: the mean label-token NLL, the paper's), L_r the mean answer NLL on
+``retain_batches`` evenly spaced retain batches and μ = ``retain_weight`` (GradDiff's retain term, here
+preconditioned: G⁻¹∇L_r is a Gauss-Newton step on the retain loss; 0: the paper's step), and G the retain-set
+Gauss-Newton matrix of the mean per-token loss (½ΔᵀGΔ ≈ mean per-token KL(p_θ ‖ p_θ+Δ), nats). The default is 3
+steps with μ = 3, each p by 2 PCG iterations on exact GGN products over 8 fitting batches, preconditioned by
+(Ĝ + δI) with one global δ and warm-started from the previous step's p (conf/method/kfade.yaml;
+``kfade_direct.yaml``: one direct step p = (Ĝ + δI)⁻¹∇L_f; ``kfade_cg.yaml``: 5 iterations on every batch,
+both without the retain term). Ĝ, the fitted
 curvature (K-FAC / EK-FAC / diagonal / identity), is fit once on ``data.fit`` at the starting weights
 (``kfade.curvature.load_or_fit``: cached, so sweeps over η, λ and n_steps reuse it). A step is: forget gradient
 → direction p (``solver``: direct or cg, ``kfade.unlearn.solvers``) → η (``step_rule``: fixed, normalized,
@@ -109,6 +112,8 @@ class KFadeConfig(MethodConfig):
     forget_loss: str = "kl_no_answer"  # the forget objective: kl_no_answer (descend KL to the starting model's own
     #   prediction with the answer token removed) | nll (ascend the answers' NLL: the paper's) | kl_base (descend
     #   KL(base ‖ θ) on the forget answers, base: a model that never learnt them, model.base_path)
+    retain_weight: float = 3.0  # μ: each step ascends L_f − μ·L_r, L_r the retain answers' mean NLL (0: the paper's)
+    retain_batches: int = 8  # retain batches (evenly spaced) on which L_r's gradient is taken each step
 
     @property
     def step_cap(self) -> int:
@@ -126,7 +131,8 @@ class KFadeConfig(MethodConfig):
         require_choice(self, "cg_offload", CG_OFFLOADS)
         require_choice(self, "ggn_mode", GGN_MODES)
         require_choice(self, "forget_loss", FORGET_LOSSES)
-        require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches")
+        require_positive(self, "step_size", "kl_budget", "n_steps", "cg_iters", "check_batches", "retain_batches")
+        require_nonnegative(self, "retain_weight")
         if self.max_steps is not None and self.max_steps < self.n_steps:
             raise ConfigError("method.max_steps", self.max_steps, f"must be ≥ method.n_steps ({self.n_steps})")
         if self.max_kl_ratio is not None and not (math.isfinite(self.max_kl_ratio) and self.max_kl_ratio >= 1):
@@ -205,13 +211,20 @@ class KFade:
         self.solver = SOLVERS[cfg.solver](cfg, seed=self.curvature_cfg.seed, progress=progress)
         self.rule = STEP_RULES[cfg.step_rule](cfg)
 
-    def forget_gradient(self, model, batches, names):
-        grads, scores = forget_gradient(model, batches, names, self.progress)
+    def step_gradient(self, model, data: UnlearnData, names):
+        """(g = ∇L_f − μ∇L_r for the named parameters, the forget scores of the same pass)."""
+        grads, scores = forget_gradient(model, data.forget, names, self.progress)
+        if self.cfg.retain_weight > 0:  # retain batches carry no forget targets: their objective is the mean NLL
+            forget_gradient(model, evenly_spaced(data.retain, self.cfg.retain_batches), names, self.progress,
+                            scale=-self.cfg.retain_weight, into=grads)
         return ({n: g.to("cpu") for n, g in grads.items()} if self.solver.on_host else grads), scores
 
     def run(self, model: torch.nn.Module, data: UnlearnData, log: LogFn | None = None) -> list[dict]:
         if not data.fit:
             raise ConfigError("dataset.fit_sets", "[]", "K-FADE needs curvature fitting batches; the set is empty")
+        if self.cfg.retain_weight > 0 and not data.retain:
+            raise ConfigError("method.retain_weight", self.cfg.retain_weight,
+                              "needs retain batches; the retain set is empty (0: no retain term)")
         once = self.cfg.step_cap == 1  # one step: the forget objective is only used at the starting weights
         data = with_forget_targets(self.cfg.forget_loss, model, data, once=once)
         emit = log or (lambda record: None)
@@ -224,7 +237,7 @@ class KFade:
         cfg, names = self.cfg, curvature.param_names
         probe = RetainKLProbe(model, data.kl_probe)
         start_probe = RetainKLProbe(model, evenly_spaced(data.fit, cfg.check_batches)) if self.rule.backtracks else None
-        grads, scores = self.forget_gradient(model, data.forget, names)
+        grads, scores = self.step_gradient(model, data, names)
         history = [{"step": 0, "forget_nll": scores.nll, "forget_prob": scores.prob, "retain_kl": 0.0,
                     "zero_eigenvalues": curvature.zero_eigenvalues()}]
         if (skipped := target_reached_at_start(scores.prob, self.rule.target)) is not None:
@@ -247,7 +260,7 @@ class KFade:
             plan = step.plan
             if problem is None:
                 grads, scores = ((None, forget_scores(model, data.forget)) if number == plan
-                                 else self.forget_gradient(model, data.forget, names))
+                                 else self.step_gradient(model, data, names))
                 if not math.isfinite(scores.nll):
                     problem = "non-finite forget loss (logits) after the step"
             if problem is not None:

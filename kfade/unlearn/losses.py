@@ -169,21 +169,23 @@ def forget_nll(model: torch.nn.Module, batches: Sequence[Batch]) -> float:
 
 
 def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Sequence[str],
-                    progress: bool = False) -> tuple[dict[str, torch.Tensor], ForgetScores]:
-    """(∇L_f for the named parameters, the scores of the same pass) with L_f the mean label-token NLL over all
-    ``batches`` (or −KL(target ‖ p_θ) for batches carrying ``FORGET_TARGET``; the scores stay NLL and P̄).
+                    progress: bool = False, scale: float = 1.0, into: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], ForgetScores]:
+    """(``into`` + ``scale``·∇L_f for the named parameters, the scores of the same pass) with L_f the mean label-token
+    NLL over all ``batches`` (or −KL(target ‖ p_θ) for batches carrying ``FORGET_TARGET``; the scores stay NLL and
+    P̄). ``into`` (None: zeros) is accumulated in place, so a second objective adds no gradient-sized buffer.
 
     Gradients are accumulated in fp32 (fp64 for fp64 parameters). Each minibatch contributes
     Σ_batch NLL / N_total, so the accumulated gradient equals the full-set mean's whatever the batch size.
     """
     if distributed.world_size() > 1 and fsdp.is_sharded(model):
-        return _sharded_forget_gradient(model, batches, names, progress)
+        return _sharded_forget_gradient(model, batches, names, progress, scale, into)
     total = count_label_tokens(batches)
-    grads, sums = None, _ScoreSums()
+    grads, sums = None if into is None else [into[n] for n in names], _ScoreSums()
     with requires_grad_only(model, names) as params:
         for batch in tqdm(batches, desc="forget gradient", leave=False, disable=not progress):
             objective, token_nll, rows = _forget_terms(model, batch)
-            parts = torch.autograd.grad(objective.sum() / total, params)
+            parts = torch.autograd.grad(objective.sum() / total * scale, params)  # × 1.0 is exact
             if grads is None:
                 grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in parts]
             else:
@@ -194,16 +196,17 @@ def forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Seq
 
 
 def _sharded_forget_gradient(model: torch.nn.Module, batches: Sequence[Batch], names: Sequence[str],
-                             progress: bool) -> tuple[dict[str, torch.Tensor], ForgetScores]:
+                             progress: bool, scale: float, into: dict[str, torch.Tensor] | None
+                             ) -> tuple[dict[str, torch.Tensor], ForgetScores]:
     """``forget_gradient`` on an FSDP model: each rank backpropagates its shard of the batches (padded with
     zero-weight passes); FSDP sums the gradients over the ranks into ``DTensor`` row shards."""
-    total, grads, sums = count_label_tokens(batches), None, _ScoreSums()
+    total, grads, sums = count_label_tokens(batches), into, _ScoreSums()
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     with fsdp.summed_gradients(model):
         for batch, real in tqdm(fsdp.padded_shard(batches), desc="forget gradient", leave=False,
                                 disable=not progress):
             objective, token_nll, rows = _forget_terms(model, batch)
-            (objective.sum() * (float(real) / total)).backward()
+            (objective.sum() * (float(real) / total) * scale).backward()
             grads = fsdp.take_grads(model, names, grads, dtype)
             if real:
                 sums.add(token_nll, rows, batch["labels"].shape[0])
