@@ -52,7 +52,7 @@ def test_every_step_rule_and_solver_is_a_choice_of_the_config_and_reads_its_own_
         assert set(SOLVERS[solver].knobs) <= fields and KFadeConfig(solver=solver).solver == solver
     knobs = method_knobs(KFadeConfig(solver="cg", step_rule="trust_region"))
     assert knobs == ("solver=cg, step_rule=trust_region, kl_budget=0.1, n_steps=3, cg_iters=2, cg_batches=8, "
-                     "forget_loss=kl_no_answer")
+                     "forget_loss=kl_no_answer, retain_weight=3.0")
 
 
 @pytest.mark.parametrize(("method", "damping"), [("kfade", "global damping 0.001"),

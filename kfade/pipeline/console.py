@@ -15,7 +15,7 @@ def method_knobs(method) -> str:
     values = vars(method)
     rule, solver = STEP_RULES.get(values.get("step_rule")), SOLVERS.get(values.get("solver"))
     shown = ["solver", "step_rule", *(rule.knobs if rule else ()), "n_steps", *(solver.knobs if solver else ()),
-             "forget_loss", "lr", "epochs"]
+             "forget_loss", "retain_weight", "lr", "epochs"]
     return ", ".join(f"{k}={values[k]}" for k in shown if k in values)
 
 
