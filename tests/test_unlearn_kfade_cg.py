@@ -164,6 +164,21 @@ def test_safeguard_predicts_the_exact_ggn_quadratic_on_its_check_batches(problem
     assert history[1]["kl_ratio"] == pytest.approx(1.0, abs=0.05) and history[1]["splits"] == 0
 
 
+def test_cg_safeguard_predicts_with_pcgs_own_batches_and_no_extra_product(problem, tmp_path, monkeypatch):
+    """With cg the prediction is ½η²pᵀGp, pᵀGp read off PCG's final residual: it equals the dense GGN's quadratic
+    on PCG's batches (cg_batches=1: the first fitting batch, not check_batches'), and the check takes no product."""
+    model, data = problem
+    names = [n for n, _ in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+    dense = dense_ggn(model, data.fit[:1], names)
+    monkeypatch.setattr("kfade.unlearn.quadratic_check.gauss_newton", lambda *a, **k: pytest.fail("a GGN product"))
+    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="normalized",
+                         step_size=1e-3, max_kl_ratio=2.0, max_steps=1, cg_batches=1, check_batches=3, cg_iters=3)
+    d, eta = flat(delta, names), history[1]["eta"]
+    assert history[1]["cg_curvature"] == pytest.approx(float(d @ dense @ d) / eta**2, rel=1e-8)
+    assert history[1]["check_predicted_kl"] == pytest.approx(0.5 * float(d @ dense @ d), rel=1e-8)
+    assert history[1]["kl_ratio"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_safeguard_splits_a_step_that_leaves_the_quadratic_regime(problem, tmp_path):
     """A long step whose measured KL is far from its quadratic prediction (here: saturating, 0.17× of it) is undone
     and halved, one more step planned each time, until measured / predicted is within [1/2, 2]; every split is

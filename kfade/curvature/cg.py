@@ -52,13 +52,16 @@ def axpy(alpha: float, x: Vector, y: Vector) -> Vector:
 @dataclass
 class CGResult:
     """The solve: ``x``, the iterations taken, the relative residual ‖b − (G+λI)x‖/‖b‖ after each iteration
-    (``residuals[0]``: of x₀), and why it stopped (``converged`` at ``tol``, ``max_iters``, ``breakdown`` when
-    a search direction had non-positive curvature pᵀ(G+λI)p ≤ 0, ``non_finite``)."""
+    (``residuals[0]``: of x₀), why it stopped (``converged`` at ``tol``, ``max_iters``, ``breakdown`` when
+    a search direction had non-positive curvature pᵀ(G+λI)p ≤ 0, ``non_finite``), and ``curvature`` =
+    xᵀ(G+λI)x, read off the final residual r = b − (G+λI)x as xᵀ(b − r) without another product (exact up to the
+    recurrence's rounding)."""
 
     x: Vector
     iterations: int = 0
     residuals: list[float] = field(default_factory=list)
     stop_reason: str = "max_iters"
+    curvature: float = 0.0
 
 
 def digest(v: Vector) -> str:
@@ -124,7 +127,7 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
     if resumed is not None:
         state, rz, result, done = resumed
         if result.iterations >= max_iters or (done and result.stop_reason != "max_iters"):
-            return result
+            return with_curvature(result, b, state["r"])
         x, r, p = state["x"], state["r"], state["p"]
     else:
         if x0 is None:
@@ -135,7 +138,7 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
         result = CGResult(x, residuals=[math.sqrt(dot(r, r)) / b_norm])
         if result.residuals[0] <= tol:
             result.stop_reason = "converged"
-            return result
+            return with_curvature(result, b, r)
         z = precondition(r) if precondition else r
         p = {n: t.clone() for n, t in z.items()}
         rz = dot(r, z)
@@ -166,4 +169,10 @@ def conjugate_gradient(matvec: Operator, b: Vector, damping: float = 0.0, precon
         rz = rz_next
     if path is not None:
         save_state(path, key, {"x": x, "r": r, "p": p}, rz, result, done=True)
+    return with_curvature(result, b, r)
+
+
+def with_curvature(result: CGResult, b: Vector, r: Vector) -> CGResult:
+    """``result`` with ``curvature`` = xᵀ(b − r), r its residual b − (G+λI)x."""
+    result.curvature = dot(result.x, b) - dot(result.x, r)
     return result

@@ -12,14 +12,18 @@ from kfade.unlearn.losses import RetainKLProbe
 class QuadraticCheck:
     """Measured against predicted KL of a step on a few training batches of the fitting set.
 
-    Built at the step's start: caches those batches' logits (the measured KL's reference) and one exact GGN product
-    G·p for the step's direction p, so any step Δ = η·p has ½ΔᵀGΔ = ½η²·pᵀGp without another product.
+    Built at the step's start: caches those batches' logits (the measured KL's reference) and pᵀGp for the step's
+    direction p with the exact G of the same batches — ``curvature`` when the solver already has it (PCG, from its
+    final residual), else one GGN product — so any step Δ = η·p has ½ΔᵀGΔ = ½η²·pᵀGp.
     """
 
-    def __init__(self, model: torch.nn.Module, batches: list, direction: dict[str, torch.Tensor], mode: str):
+    def __init__(self, model: torch.nn.Module, batches: list, direction: dict[str, torch.Tensor] | None = None,
+                 mode: str = "auto", curvature: float | None = None):
         self.probe = RetainKLProbe(model, batches)
-        ggn = gauss_newton(model, batches, list(direction), mode=mode)
-        self.curvature = dot(direction, ggn(direction))  # pᵀGp, nats per token per unit η²
+        if curvature is None:
+            ggn = gauss_newton(model, batches, list(direction), mode=mode)
+            curvature = dot(direction, ggn(direction))
+        self.curvature = curvature  # pᵀGp, nats per token per unit η²
 
     def __call__(self, model: torch.nn.Module, eta: float) -> tuple[float, float]:
         """(measured KL from the step's start, predicted ½η²pᵀGp), nats per token."""

@@ -7,7 +7,8 @@ matrix of the mean per-token loss and Ĝ its fitted approximation (``kfade.curva
   preconditioner M = (Ĝ + δI + λI)⁻¹; λ = ``cg_damping`` × the mean eigenvalue of G (relative) or absolute.
   Warm-started from the previous step's p; from 0, the first iterate is the preconditioned gradient Mg, the direct
   step's direction with δ + λ. With a checkpoint path each iteration's state is saved there, and the same solve
-  started again resumes bit-equal. The PCG vectors are kept in ``cg_dtype`` (bfloat16 halves them; dot products
+  started again resumes bit-equal. Its record's ``cg_curvature`` is pᵀGp on its batches, from PCG's final residual
+  (the quadratic-regime check's prediction without another product). The PCG vectors are kept in ``cg_dtype`` (bfloat16 halves them; dot products
   stay fp64) and, with ``cg_offload=cpu``, in host memory: only the vector of a product or a preconditioning
   visits the device.
 """
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kfade.curvature import Curvature
-from kfade.curvature.cg import CGResult, conjugate_gradient
+from kfade.curvature.cg import CGResult, conjugate_gradient, dot
 from kfade.curvature.sharded_ggn import gauss_newton
 from kfade.data.formatting import evenly_spaced
 from kfade.unlearn.base import Batch, LogFn
@@ -111,7 +112,8 @@ class CG(Solver):
                                                   checkpoint=checkpoints and checkpoints / f"step{step}.safetensors")
         direction = {n: result.x[n].to(g) for n, g in grads.items()}
         return direction, {"cg_iters": result.iterations, "cg_residual": result.residuals[-1],
-                           "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products}
+                           "cg_stop": result.stop_reason, "cg_lambda": lam, "ggn_products": ggn.products,
+                           "cg_curvature": result.curvature - lam * dot(result.x, result.x)}
 
 
 SOLVERS: dict[str, type[Solver]] = {"direct": Direct, "cg": CG}
