@@ -8,9 +8,9 @@ matrix of the mean per-token loss and Ĝ its fitted approximation (``kfade.curva
   Warm-started from the previous step's p; from 0, the first iterate is the preconditioned gradient Mg, the direct
   step's direction with δ + λ. With a checkpoint path each iteration's state is saved there, and the same solve
   started again resumes bit-equal. Its record's ``cg_curvature`` is pᵀGp on its batches, from PCG's final residual
-  (the quadratic-regime check's prediction without another product). The PCG vectors are kept in ``cg_dtype`` (bfloat16 halves them; dot products
-  stay fp64) and, with ``cg_offload=cpu``, in host memory: only the vector of a product or a preconditioning
-  visits the device.
+  (the quadratic-regime check's prediction without another product). The PCG vectors are kept in ``cg_dtype``
+  (bfloat16 halves them; dot products stay fp64) and, with ``cg_offload=cpu``, in host memory: only the vector of a
+  product or a preconditioning visits the device.
 """
 
 from __future__ import annotations
