@@ -166,17 +166,26 @@ def test_safeguard_predicts_the_exact_ggn_quadratic_on_its_check_batches(problem
 
 def test_cg_safeguard_predicts_with_pcgs_own_batches_and_no_extra_product(problem, tmp_path, monkeypatch):
     """With cg the prediction is ½η²pᵀGp, pᵀGp read off PCG's final residual: it equals the dense GGN's quadratic
-    on PCG's batches (cg_batches=1: the first fitting batch, not check_batches'), and the check takes no product."""
+    on PCG's batches (cg_batches=1: the first fitting batch, not check_batches'), and the check takes no product.
+    With more PCG batches than check_batches the check falls back to its own batches and one product."""
     model, data = problem
     names = [n for n, _ in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+    common = {"step_rule": "normalized", "step_size": 1e-3, "max_kl_ratio": 2.0, "max_steps": 1, "cg_iters": 3}
+    with monkeypatch.context() as patched:
+        patched.setattr("kfade.unlearn.quadratic_check.gauss_newton", lambda *a, **k: pytest.fail("a GGN product"))
+        history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), cg_batches=1,
+                             check_batches=3, **common)
     dense = dense_ggn(model, data.fit[:1], names)
-    monkeypatch.setattr("kfade.unlearn.quadratic_check.gauss_newton", lambda *a, **k: pytest.fail("a GGN product"))
-    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), step_rule="normalized",
-                         step_size=1e-3, max_kl_ratio=2.0, max_steps=1, cg_batches=1, check_batches=3, cg_iters=3)
     d, eta = flat(delta, names), history[1]["eta"]
     assert history[1]["cg_curvature"] == pytest.approx(float(d @ dense @ d) / eta**2, rel=1e-8)
     assert history[1]["check_predicted_kl"] == pytest.approx(0.5 * float(d @ dense @ d), rel=1e-8)
     assert history[1]["kl_ratio"] == pytest.approx(1.0, abs=0.05)
+
+    history, delta = run(model, data, tmp_path, CurvatureConfig(estimator="identity"), cg_batches=None,
+                         check_batches=1, **common)  # 3 PCG batches > 1: the check's own (the first), a product
+    d, middle = flat(delta, names), dense_ggn(model, data.fit[1:2], names)
+    assert history[1]["check_predicted_kl"] == pytest.approx(0.5 * float(d @ dense @ d), rel=1e-6)
+    assert history[1]["check_predicted_kl"] != pytest.approx(0.5 * float(d @ middle @ d), rel=1e-3)
 
 
 def test_safeguard_splits_a_step_that_leaves_the_quadratic_regime(problem, tmp_path):

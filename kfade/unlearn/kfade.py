@@ -21,11 +21,12 @@ removed when the run ends.
 Quadratic-regime safeguard (``max_kl_ratio``): a Gauss-Newton step is only trusted where the quadratic model holds.
 After each step the mean per-token KL from the step's start is measured on training batches of the fitting set and
 compared with ½ΔᵀGΔ of the *exact* G on the same batches at the step's start: with ``cg`` on PCG's own batches, pᵀGp
-read off its final residual; with ``direct`` on ``check_batches`` batches, one GGN product per step. If measured /
-predicted lies outside [1/``max_kl_ratio``, ``max_kl_ratio``] (a KL growing faster than quadratic, or saturating),
-the step is undone and split: one more step is planned (``n_steps`` is the minimum, ``max_steps`` the cap) and this
-one is shortened (``StepRule.shorter``), then the next step re-linearises at its own weights. Each split is logged
-(``split/…`` records; ``splits`` in the step's record).
+read off its final residual, when they are at most ``check_batches`` (the check caches their logits); else on
+``check_batches`` batches, one GGN product per step. If measured / predicted lies outside [1/``max_kl_ratio``,
+``max_kl_ratio``] (a KL growing faster than quadratic, or saturating), the step is undone and split: one more step
+is planned (``n_steps`` is the minimum, ``max_steps`` the cap) and this one is shortened (``StepRule.shorter``),
+then the next step re-linearises at its own weights. Each split is logged (``split/…`` records; ``splits`` in the
+step's record).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class KFadeConfig(MethodConfig):
     max_steps: int | None = None  # cap on the steps when the safeguard splits them (≥ n_steps; None: n_steps, never
     #                               split)
     max_kl_ratio: float | None = 2.0  # split a step whose measured KL / ½ΔᵀGΔ is > this or < 1/this (None: off)
-    check_batches: int = 4  # direct: fitting batches (evenly spaced) on which the safeguard measures and predicts KL
-    #                         (cg: on its own cg_batches); trust_region: those of the measured KL budget
+    check_batches: int = 8  # fitting batches (evenly spaced) on which the safeguard measures and predicts KL (cg with
+    #                         at most this many cg_batches: those, no product); trust_region: its measured KL budget's
     max_backtracks: int = 12  # trust_region: halvings of η while the measured check KL exceeds step × kl_budget
     damping: float | None = None  # δ override (absolute) or α (relative, global); None → the curvature config's
     damping_mode: str | None = None  # absolute | relative | global override; None → the curvature config's
@@ -301,11 +302,13 @@ class KFade:
         steps planned in ``step.plan``); returns the non-finite quantity (Δ) that stopped it, else None."""
         cfg, model, forget = self.cfg, run.model, run.data.forget
         check = None
-        if cfg.max_kl_ratio is not None and "cg_curvature" in step.record:  # PCG's pᵀGp on its batches: no product
-            check = QuadraticCheck(model, evenly_spaced(run.data.fit, cfg.cg_batches),
-                                   curvature=step.record["cg_curvature"])
-        elif cfg.max_kl_ratio is not None:
-            check = QuadraticCheck(model, evenly_spaced(run.data.fit, cfg.check_batches), step.direction, cfg.ggn_mode)
+        if cfg.max_kl_ratio is not None:
+            solved_on = evenly_spaced(run.data.fit, cfg.cg_batches)
+            if "cg_curvature" in step.record and len(solved_on) <= cfg.check_batches:  # PCG's pᵀGp: no product
+                check = QuadraticCheck(model, solved_on, curvature=step.record["cg_curvature"])
+            else:
+                check = QuadraticCheck(model, evenly_spaced(run.data.fit, cfg.check_batches), step.direction,
+                                       cfg.ggn_mode)
         splits = 0
         eta, chosen = self.rule.eta(model, step.grads, step.direction, forget, step.prob, step.plan - step.number + 1)
         while True:
