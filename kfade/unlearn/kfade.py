@@ -303,7 +303,7 @@ class KFade:
         cfg, model, forget = self.cfg, run.model, run.data.forget
         check = None
         if cfg.max_kl_ratio is not None:
-            solved_on = evenly_spaced(run.data.fit, cfg.cg_batches)
+            solved_on = self.solver.product_batches(run.data.fit)
             if "cg_curvature" in step.record and len(solved_on) <= cfg.check_batches:  # PCG's pᵀGp: no product
                 check = QuadraticCheck(model, solved_on, curvature=step.record["cg_curvature"])
             else:

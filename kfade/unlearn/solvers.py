@@ -62,6 +62,10 @@ class Solver:
         ``step``: the step's number (logs and checkpoint names)."""
         raise NotImplementedError
 
+    def product_batches(self, fit: list[Batch]) -> list[Batch]:
+        """The fitting batches its exact G products run on (none: it takes no products)."""
+        return []
+
 
 class Direct(Solver):
     def solve(self, model, curvature, grads, fit, step, warm_start=None, emit=None, checkpoints=None):
@@ -77,9 +81,12 @@ class CG(Solver):
         super().__init__(cfg, seed, progress)
         self.on_host, self.checkpointed = cfg.cg_offload == "cpu", cfg.cg_checkpoint
 
+    def product_batches(self, fit):
+        return evenly_spaced(fit, self.cfg.cg_batches)
+
     def solve(self, model, curvature, grads, fit, step, warm_start=None, emit=None, checkpoints=None):
         cfg, emit = self.cfg, emit or (lambda record: None)
-        ggn = gauss_newton(model, evenly_spaced(fit, cfg.cg_batches), list(grads), mode=cfg.ggn_mode,
+        ggn = gauss_newton(model, self.product_batches(fit), list(grads), mode=cfg.ggn_mode,
                            retain_graphs=cfg.cg_retain_graphs)
         lam = cfg.cg_damping
         if cfg.cg_damping_mode == "relative":
