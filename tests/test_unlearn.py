@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from kfade.data.formatting import QAFormatter, collate, qa_batches
 from kfade.errors import ConfigError
+from kfade.models.checkpointing import enable_gradient_checkpointing
 from kfade.models.logits import label_logits, token_kl
-from kfade.unlearn import METHODS, UnlearnData, build_method
+from kfade.unlearn import METHODS, UnlearnData, build_method, first_order
 from kfade.unlearn.base import batches_fingerprint
 from kfade.unlearn.grad_diff import GradDiffConfig
 from kfade.unlearn.losses import (
@@ -22,6 +23,7 @@ from kfade.unlearn.losses import (
     forget_gradient,
     forget_nll,
     forget_objective,
+    forget_scores,
     mean_answer_prob,
     sequence_logprob,
     with_forget_targets,
@@ -308,6 +310,38 @@ def test_rmu_updates_only_the_selected_down_projections(trained, data):
     assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_rmu_forward_stops_at_the_steered_layer(trained, data, checkpointing):
+    """Layer 1 and the head never run, and the loss and its gradient equal the whole pass's (hidden state read from
+    ``output_hidden_states``), also when gradient checkpointing recomputes layer 0 in the backward."""
+    model = copy.deepcopy(trained)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    method = build_method("rmu", BASELINES["rmu"] | {"layer": 0})
+    method.prepare(model, data)
+    ran = []
+    for module in (model.model.layers[1], model.lm_head):
+        module.register_forward_hook(lambda *_: ran.append(True))
+    weight = model.model.layers[0].mlp.down_proj.weight
+    loss = method.loss(model, 0, data.forget[0], data.retain[0])
+    (got,) = torch.autograd.grad(loss, weight)
+    assert ran == []
+
+    def hidden(m, batch):  # the output of layer 0 at the real tokens, from the whole pass
+        mask = batch["attention_mask"].bool()
+        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 output_hidden_states=True).hidden_states[1][mask].float()
+
+    whole = copy.deepcopy(trained)
+    with torch.no_grad():
+        start = hidden(trained, data.retain[0])
+    expected = ((hidden(whole, data.forget[0]) - method.target).pow(2).mean()
+                + 10.0 * (hidden(whole, data.retain[0]) - start).pow(2).mean())
+    assert torch.equal(loss.detach(), expected.detach())
+    (want,) = torch.autograd.grad(expected, whole.model.layers[0].mlp.down_proj.weight)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 def test_rmu_bad_layer_and_regex(trained, data):
     with pytest.raises(ConfigError, match=r"^method\.layer=2: the model has 2 decoder layers"):
         build_method("rmu", {"layer": 2}).run(copy.deepcopy(trained), data)
@@ -350,6 +384,20 @@ def test_early_stop_is_exact_to_the_check_interval(every, trained, data):
     assert history[-1]["target_reached"] and 0 < history[-1]["interval_fraction"] <= 1
     assert mean_answer_prob(model, data.forget) == pytest.approx(target, rel=5e-3)
     assert history[-1]["forget_prob"] == pytest.approx(target, rel=5e-3)
+
+
+def test_a_check_ending_the_epoch_scores_it(trained, data, monkeypatch):
+    """An epoch whose last optimizer step was checked reports that check's P̄ with no further pass over the forget
+    set: one scoring pass at the start and one per check."""
+    passes = []
+    monkeypatch.setattr(first_order, "forget_scores", lambda *a: passes.append(1) or forget_scores(*a))
+    cfg = {"epochs": 2, "lr": 1e-4, "target_forget_prob": 1e-6, "check_every": 1}
+    records = []
+    history = build_method("grad_ascent", cfg).run(copy.deepcopy(trained), data, log=records.append)
+    checks = checks_of(records)
+    assert len(checks) == 2 * len(data.forget) and len(passes) == 1 + len(checks)
+    ends = [prob for step, prob in checks if step % len(data.forget) == 0]
+    assert [r["forget_prob"] for r in history[1:]] == ends
 
 
 def test_early_stop_skips_a_start_already_below_the_target_and_reports_a_miss(trained, data):

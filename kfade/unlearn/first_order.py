@@ -34,7 +34,7 @@ from kfade.unlearn.base import (
     snapshot,
     target_reached_at_start,
 )
-from kfade.unlearn.losses import RetainKLProbe, forget_scores, mean_answer_prob
+from kfade.unlearn.losses import RetainKLProbe, forget_scores
 from kfade.unlearn.step_search import eta_for_forget_prob
 
 
@@ -116,7 +116,7 @@ class FirstOrderMethod:
             optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
             last_check = snapshot(model, names) if target is not None else None
             for epoch in range(1, 0 if "skipped" in history[0] else self.cfg.epochs + 1):
-                losses = []
+                losses, checked = [], None  # checked: the forget scores of a check at the current weights
                 for i, batch in enumerate(tqdm(data.forget, desc=f"epoch {epoch}", leave=False,
                                                disable=not self.progress)):
                     companion = data.retain[i % len(data.retain)] if data.retain else None
@@ -131,15 +131,17 @@ class FirstOrderMethod:
                         break
                     optimizer.step()
                     losses.append(loss.item())
-                    steps += 1
+                    steps, checked = steps + 1, None
                     if target is not None and steps % self.cfg.check_every == 0:
-                        prob = mean_answer_prob(model, data.forget)
-                        emit({"check/step": steps, "check/forget_prob": prob})
-                        if prob <= target:
-                            reached = self.bisect_last_interval(model, names, last_check, data, target)
+                        checked = forget_scores(model, data.forget)
+                        emit({"check/step": steps, "check/forget_prob": checked.prob})
+                        if checked.prob <= target:
+                            reached = self.bisect_last_interval(model, names, last_check, data, target,
+                                                                checked.prob)
+                            checked = None
                             break
                         last_check = snapshot(model, names)
-                scores = forget_scores(model, data.forget)
+                scores = checked if checked is not None else forget_scores(model, data.forget)  # an epoch-end check
                 record = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "forget_nll": scores.nll,
                           "forget_prob": scores.prob, "retain_kl": probe(model), "optimizer_steps": steps}
                 if stopped is not None:
@@ -159,12 +161,13 @@ class FirstOrderMethod:
 
     @torch.no_grad()
     def bisect_last_interval(self, model: torch.nn.Module, names: list[str], last_check: dict[str, torch.Tensor],
-                             data: UnlearnData, target: float) -> float:
-        """Move the weights to θ_prev + α(θ_now − θ_prev) with P̄ ≈ ``target``; returns α ∈ (0, 1]."""
+                             data: UnlearnData, target: float, prob_now: float) -> float:
+        """Move the weights to θ_prev + α(θ_now − θ_prev) with P̄ ≈ ``target``; returns α ∈ (0, 1]. ``prob_now``:
+        P̄(θ_now), measured by the check (the search's first point, α = 1)."""
         params = dict(model.named_parameters())
         update = {n: params[n].detach() - last_check[n].to(params[n].device) for n in names}
         restore(model, last_check)
-        search = eta_for_forget_prob(model, update, data.forget, target, eta0=1.0)
+        search = eta_for_forget_prob(model, update, data.forget, target, eta0=1.0, known={1.0: prob_now})
         alpha = min(search.eta, 1.0)
         for n in names:
             params[n].add_(alpha * update[n])

@@ -67,17 +67,26 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
+class _Captured(Exception):
+    """Ends a forward pass at the captured module: what follows it is not needed."""
+
+
 @contextlib.contextmanager
-def capture_output(module: torch.nn.Module) -> Iterator[dict]:
-    """Within the block, ``box["h"]`` holds ``module``'s latest output hidden state."""
+def capture_output(module: torch.nn.Module, stop: bool = False) -> Iterator[dict]:
+    """Within the block, ``box["h"]`` holds ``module``'s latest output hidden state. ``stop``: the forward pass ends
+    there (the rest of the model is not run; the block then exits at once)."""
     box = {}
 
     def hook(_module, _inputs, output):
         box["h"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _Captured
 
     handle = module.register_forward_hook(hook)
     try:
         yield box
+    except _Captured:
+        pass
     finally:
         handle.remove()
 
@@ -104,10 +113,11 @@ class RMU(FirstOrderMethod):
         self.frozen = fsdp.copy_model(model).eval().requires_grad_(False) if self.cfg.keeps_frozen_copy() else None
 
     def activations(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """fp32 hidden states at ``layer`` for the batch's real tokens, ``[N, H]``."""
+        """fp32 hidden states at ``layer`` for the batch's real tokens, ``[N, H]``; the layers above it are not run
+        (FSDP: they are, as every rank's hooks expect the whole pass)."""
         device = model_device(model)
         mask = batch["attention_mask"].to(device).bool()
-        with capture_output(decoder_layers(model)[self.cfg.layer]) as box:
+        with capture_output(decoder_layers(model)[self.cfg.layer], stop=not fsdp.is_sharded(model)) as box:
             model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
         return box["h"][mask].float()
 

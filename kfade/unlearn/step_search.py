@@ -30,12 +30,17 @@ class StepSearch:
 
 
 def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tensor], forget: Sequence[Batch],
-                        target: float, eta0: float, rtol: float = 5e-3, max_evals: int = 40) -> StepSearch:
-    """η > 0 with P̄(θ + η·direction) ≈ ``target`` (see the module docstring); ``eta0`` > 0 starts the search."""
+                        target: float, eta0: float, rtol: float = 5e-3, max_evals: int = 40,
+                        known: dict[float, float] | None = None) -> StepSearch:
+    """η > 0 with P̄(θ + η·direction) ≈ ``target`` (see the module docstring); ``eta0`` > 0 starts the search.
+    ``known``: {η: P̄} already measured (not evaluated again, not counted in ``evaluations``)."""
     saved = snapshot(model, list(direction))
-    tried: dict[float, float] = {}
+    tried: dict[float, float] = dict(known or {})
+    given = len(tried)
 
     def prob(eta: float) -> float:
+        if eta in tried:
+            return tried[eta]
         apply_delta(model, {n: eta * d for n, d in direction.items()})
         try:
             value = mean_answer_prob(model, forget)
@@ -46,7 +51,9 @@ def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tenso
 
     low, high = None, None  # P̄(low) > target ≥ P̄(high)
     eta = eta0
-    while len(tried) < max_evals and eta not in tried:  # a repeated η: the bracket collapsed in floating point
+    seen: set[float] = set()
+    while len(tried) - given < max_evals and eta not in seen:  # a repeated η: the bracket collapsed
+        seen.add(eta)
         if abs(prob(eta) - target) <= rtol * target:
             break
         if tried[eta] > target:
@@ -56,4 +63,4 @@ def eta_for_forget_prob(model: torch.nn.Module, direction: dict[str, torch.Tenso
             high = eta
             eta = eta / 2 if low is None else math.sqrt(low * eta)
     best = min(tried, key=lambda e: abs(tried[e] - target))
-    return StepSearch(best, tried[best], len(tried))
+    return StepSearch(best, tried[best], len(tried) - given)
