@@ -13,6 +13,7 @@ from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.curvature.config import DEFAULT_MODULES
 from kfade.errors import ConfigError
 from kfade.pipeline import load_config, run
+from kfade.pipeline.plan import planned_method
 from kfade.plan import (
     GB,
     MemoryConfig,
@@ -24,7 +25,7 @@ from kfade.plan import (
     plan_memory,
     resolve_placement,
 )
-from kfade.plan.memory import eigh_workspace_bytes, layer_chunks
+from kfade.plan.memory import activation_bytes, eigh_workspace_bytes, layer_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "conf" / "fixtures" / "models"
@@ -169,6 +170,31 @@ def test_dry_run_prints_the_plan_of_the_7b_experiment_without_network_or_weights
     plan = info["plan"]
     assert last == f"total peak: {plan.peak('device') / GB:.2f} GB on cuda, {plan.peak('cpu') / GB:.2f} GB on cpu"
     assert not list(tmp_path.iterdir())  # nothing written, nothing loaded
+
+
+def test_retained_graphs_are_planned_and_kept_only_where_they_fit(llama2):
+    """``cg_retain_graphs`` null: kept on the tiny CPU model (the default run), not for the 7B model on a 141 GB
+    GPU, nor under FSDP, forward mode, gradient checkpointing or cg_batches null; true / false are kept as given.
+    The plan counts 2 × one batch's activations (eager attention) per retained batch."""
+    work = Workload(solver="cg", batch_size=4, max_length=512)
+    plain = plan_memory(llama2, work, Placement())
+    kept = plan_memory(llama2, Workload(solver="cg", batch_size=4, max_length=512, retained_graphs=8), Placement())
+    item = next(i for i in kept.items if i.name.startswith("retained graphs of 8 product batches"))
+    assert item.nbytes == 2 * 8 * activation_bytes(llama2, work, False, True)
+    assert kept.total("device", "step") == plain.total("device", "step") + item.nbytes
+
+    def planned(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["logger=none", *overrides])
+        return planned_method(load_config(cfg)).cg_retain_graphs
+
+    assert planned() is True
+    assert planned("experiment=tofu_llama2_7b", "dry_run=true", "memory.gpu_gb=141", "memory.cpu_gb=512") is False
+    fsdp = ["distributed.strategy=fsdp", "distributed.world_size=2", "dry_run=true"]
+    for off in (fsdp, ["method.ggn_mode=forward"], ["model.gradient_checkpointing=true"], ["method.cg_batches=null"],
+                ["method.cg_retain_graphs=false"], ["memory.cpu_gb=0.001"]):
+        assert planned(*off) is False, off
+    assert planned("method.cg_retain_graphs=true", "memory.cpu_gb=0.001") is True
 
 
 def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):

@@ -23,7 +23,7 @@ from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.models.train import TrainRecipe, train_causal_lm
 from kfade.pipeline.config import ReapplyConfig, RunConfig
 from kfade.pipeline.console import header, table
-from kfade.pipeline.plan import planned_curvature, print_plan
+from kfade.pipeline.plan import planned_curvature, planned_method, print_plan
 from kfade.progress import library_bars
 from kfade.suites import Suite, build_suite
 from kfade.tracking import NullTracker, make_tracker, require_unfinished, write_results
@@ -71,10 +71,10 @@ def run(config: RunConfig, run_dir: Path, *, choices: Mapping[str, str | None] |
 
 
 def build(config: RunConfig) -> Method:
-    """The configured method; one that fits a curvature gets the curvature config placed by the memory plan
-    (offload, layer groups: ``kfade.pipeline.plan``) before it is built."""
+    """The configured method, with what the memory plan decides (``kfade.pipeline.plan``): the curvature's placement
+    (offload, layer groups) for one that fits a curvature, K-FADE's retained graphs."""
     curvature = planned_curvature(config) if config.uses_curvature else config.curvature
-    return build_method(config.method_name, config.method, curvature=curvature,
+    return build_method(config.method_name, planned_method(config), curvature=curvature,
                         cache_root=str(cache_dir() / "curvature"), progress=config.options.progress)
 
 

@@ -4,7 +4,7 @@ The architecture comes from ``model.path``'s config.json (a local dir, the Huggi
 fixture ``conf/fixtures/models/<org>--<name>/`` when the Hub id is not available offline), built on the meta
 device; the arithmetic is ``kfade.plan``. ``placement_fields(config)`` gives the resolved factor placement as the
 ``CurvatureConfig`` fields of the same names; ``planned_curvature(config)`` the curvature config a real run builds
-its method with.
+its method with, ``planned_method(config)`` the method config (K-FADE's ``cg_retain_graphs`` decided).
 """
 
 from __future__ import annotations
@@ -145,6 +145,22 @@ def planned_curvature(config: RunConfig) -> CurvatureConfig:
     return dataclasses.replace(curvature, **placement_fields(config))
 
 
+def planned_method(config: RunConfig):
+    """The method's config as a real run builds it: K-FADE's ``cg_retain_graphs`` null becomes True when the plan
+    with its ``cg_batches`` graphs retained fits the budgets (a known device budget, or the CPU), else False. Never
+    retained under FSDP, with forward-mode products, with gradient checkpointing (memory chosen over speed) or
+    with ``cg_batches`` null (all fitting batches, however many)."""
+    method = config.method
+    if getattr(method, "cg_retain_graphs", False) is not None:
+        return method
+    possible = (method.solver == "cg" and method.cg_batches is not None and method.ggn_mode != "forward"
+                and config.distributed.strategy != "fsdp" and not config.model.gradient_checkpointing)
+    if possible:
+        info = plan_run(dataclasses.replace(config, method=dataclasses.replace(method, cg_retain_graphs=True)))
+        possible = info["fits"] and (info["gpu"] is not None or info["workload"].device == "cpu")
+    return dataclasses.replace(method, cg_retain_graphs=possible)
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.2f}"
 
@@ -168,8 +184,9 @@ def _layer_table(arch: Architecture, estimator: str, factor_bytes: int) -> list[
 
 
 def print_plan(config: RunConfig) -> dict:
-    """Print the plan; the last line is ``total peak: <X> GB on <device>, <Y> GB on cpu``."""
-    info = plan_run(config)
+    """Print the plan of the run as it would be built (``planned_method``); the last line is ``total peak: <X> GB on
+    <device>, <Y> GB on cpu``."""
+    info = plan_run(dataclasses.replace(config, method=planned_method(config)) if config.method else config)
     arch, work, placement, plan = info["arch"], info["workload"], info["placement"], info["plan"]
     fb = 2 if placement.factor_dtype == "bfloat16" else 4
     print(f"plan: model={info['model'].path or 'tiny'} (config: {info['source']}), {arch.model_type}, "

@@ -22,6 +22,8 @@ bias). What the framework allocates (``kfade.curvature.fit`` / ``curvature`` / `
   gradients (× MC samples); for GGN products (eager attention) the attention probabilities and scores of every
   layer. Not counted: what autograd saves inside a decoder layer besides the covered linears' inputs and
   outputs (norms, rotary q/k, the attention output, the MLP activation).
+- Retained graphs (``cg_retain_graphs``): per product batch its forward and the graph of Jᵀu that the products
+  differentiate, estimated as twice one batch's activations (eager attention), for every product batch.
 - The eigendecomposition of an n×n factor: ``eigh_workspace_bytes`` (44n² bytes, CPU LAPACK).
 - FSDP (``strategy=fsdp``, n ranks; the plan is per rank): every model (``kfade.fsdp.load_sharded``,
   ``copy_model``), the pre-step copy, the vectors and the factors are 1/n; two decoder blocks are all-gathered at
@@ -66,6 +68,7 @@ class Workload:
     forget_targets: bool = False  # forget_loss=kl_base: the base model is loaded once to score the forget answers
     world_size: int = 1  # torchrun processes; the plan is per rank
     strategy: str = "replicate"  # replicate | fsdp: the models, the vectors and the factors sharded
+    retained_graphs: int = 0  # cg: product batches whose graphs each step keeps (method.cg_retain_graphs)
 
     @property
     def shards(self) -> int:
@@ -223,6 +226,9 @@ def plan_memory(arch: Architecture, w: Workload, placement: Placement) -> Memory
     p.add(f"step snapshot of the covered weights ({w.model_dtype}{of})", t["params"] * b / n, "cpu", "step")
     p.add("activations, one batch (estimate" + (", eager attention for G·v)" if solver.products else ")"),
           activation_bytes(arch, w, False, solver.products), "device", "step")
+    if w.retained_graphs:
+        p.add(f"retained graphs of {w.retained_graphs} product batches (estimate: 2 × one batch's activations each)",
+              2 * w.retained_graphs * activation_bytes(arch, w, False, True), "device", "step")
     return p
 
 

@@ -109,7 +109,8 @@ class KFadeConfig(MethodConfig):
     cg_offload: str = "none"  # cg: none (vectors on the model's device) | cpu (host memory; only the vector of a
     #   product or a preconditioning visits the device)
     cg_warm_start: bool = True  # cg: start each step's PCG from the previous step's direction (else from 0)
-    cg_retain_graphs: bool = False  # cg: keep each batch's graphs for all products of a step (faster, more memory)
+    cg_retain_graphs: bool | None = None  # cg: keep each product batch's graphs for all products of a step (faster,
+    #   more memory); None: the run's memory plan decides (kfade.pipeline.plan.planned_method; without one: not kept)
     cg_checkpoint: bool = True  # cg: save the PCG state every iteration; a rerun of a killed run resumes from it
     ggn_mode: str = "auto"  # cg: auto | forward | double_backward (how J v is computed, kfade.curvature.ggn)
     forget_loss: str = "kl_no_answer"  # the forget objective: kl_no_answer (descend KL to the starting model's own
@@ -124,7 +125,9 @@ class KFadeConfig(MethodConfig):
         return self.max_steps or self.n_steps
 
     def plan_fields(self) -> dict:
-        return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload}
+        retained = self.cg_batches if self.solver == "cg" and self.cg_retain_graphs and self.cg_batches else 0
+        return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload,
+                "retained_graphs": retained}
 
     def validate(self) -> None:
         require_choice(self, "solver", list(SOLVERS))

@@ -87,7 +87,7 @@ class CG(Solver):
     def solve(self, model, curvature, grads, fit, step, warm_start=None, emit=None, checkpoints=None):
         cfg, emit = self.cfg, emit or (lambda record: None)
         ggn = gauss_newton(model, self.product_batches(fit), list(grads), mode=cfg.ggn_mode,
-                           retain_graphs=cfg.cg_retain_graphs)
+                           retain_graphs=bool(cfg.cg_retain_graphs))
         lam = cfg.cg_damping
         if cfg.cg_damping_mode == "relative":
             scale = curvature.mean_eigenvalue()
