@@ -29,19 +29,17 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kfade.curvature import CurvatureConfig
 from kfade.curvature.ggn import GaussNewton
-from kfade.data.config import DatasetConfig
 from kfade.data.formatting import IGNORE_INDEX, batched
-from kfade.eval.config import EvalConfig
-from kfade.models.config import ModelConfig
 from kfade.models.tiny import TinyLlamaSpec
+from kfade.pipeline import load_config
 from kfade.pipeline.console import method_knobs
+from kfade.pipeline.plan import planned_curvature, planned_method
 from kfade.suites import build_suite
-from kfade.unlearn import METHODS, UnlearnData, build_method
+from kfade.unlearn import UnlearnData, build_method
 from kfade.unlearn.losses import forget_gradient, mean_answer_prob
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -93,23 +91,15 @@ def main() -> None:
 
 
 def configured(regime: str, target: float) -> tuple[dict, object, object]:
-    """The regime's configs as a default run composes them: the typed model/dataset/eval configs, and the default
-    K-FADE and mini GradDiff, both stopping at ``target``."""
+    """The regime's configs as a default run builds them (``kfade.pipeline.job.build``): the typed model/dataset/eval
+    configs, and the default K-FADE (memory-planned: curvature placement, retained graphs) and mini GradDiff, both
+    stopping at ``target``."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", [f"experiment={EXPERIMENTS[regime]}"])
-        gd = compose("config", [f"experiment={EXPERIMENTS[regime]}", "method=mini/grad_diff"]).method
-    def typed(node, schema):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node,
-                                                                                                        resolve=True)))
-
-    configs = {"model": typed(cfg.model, ModelConfig), "dataset": typed(cfg.dataset, DatasetConfig),
-               "eval": typed(cfg.eval, EvalConfig)}
-    curvature = typed(cfg.curvature, CurvatureConfig)
-    kfade_cfg = typed(cfg.method, METHODS["kfade"][0])
-    kfade_cfg.target_forget_prob = target
-    grad_diff_cfg = typed(gd, METHODS["grad_diff"][0])
-    grad_diff_cfg.target_forget_prob = target
-    return configs, (kfade_cfg, curvature), grad_diff_cfg
+        overrides = [f"experiment={EXPERIMENTS[regime]}", f"method.target_forget_prob={target}", "logger=none"]
+        config = load_config(compose("config", overrides))
+        grad_diff = load_config(compose("config", [*overrides, "method=mini/grad_diff"])).method
+    configs = {"model": config.model, "dataset": config.dataset, "eval": config.eval}
+    return configs, (planned_method(config), planned_curvature(config)), grad_diff
 
 
 def matched_cost(regime: str, target: float, repeats: int) -> None:
@@ -135,7 +125,9 @@ def matched_cost(regime: str, target: float, repeats: int) -> None:
           f"{len(data.fit)} batches ({configs['dataset'].fit_set_names()})")
     print(f"[{regime}] curvature fit (EK-FAC, once per model and fitting set, then cached): {fit:.2f} s")
     damping, mode = curvature.damping_of(kfade_cfg.damping, kfade_cfg.damping_mode)
-    print(f"[{regime}] K-FADE default run ({method_knobs(kfade_cfg)}, {mode} damping {damping:g}): {kfade_s:.2f} s; "
+    graphs = ", graphs retained" if kfade_cfg.cg_retain_graphs else ""
+    print(f"[{regime}] K-FADE default run ({method_knobs(kfade_cfg)}, {mode} damping {damping:g}{graphs}): "
+          f"{kfade_s:.2f} s; "
           f"GradDiff run (lr {grad_diff_cfg.lr:g}): {grad_diff_s:.2f} s (medians of {repeats})")
     print(f"[{regime}] ratio K-FADE / GradDiff at the same P̄: {kfade_s / grad_diff_s:.2f}x (goal <= 5x, 3x); "
           f"with the fit: {(kfade_s + fit) / grad_diff_s:.2f}x")
