@@ -18,6 +18,18 @@ def test_only_answer_tokens_and_eos_are_labels(tokenizer):
         PLAIN_TEMPLATE.format(question="Where was Alia Verne born?"))
 
 
+def test_a_question_is_tokenized_once_and_its_ids_cannot_be_corrupted(tokenizer, monkeypatch):
+    formatter = QAFormatter(tokenizer)
+    calls, call = [], type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__",
+                        lambda self, text, **kw: calls.append(text) or call(self, text, **kw))
+    first = formatter.encode("Where was Alia Verne born?", "Port Lumen.")
+    ids = formatter.prompt_ids("Where was Alia Verne born?")
+    ids.append(7)  # the caller's list, not the cache's
+    again = formatter.encode("Where was Alia Verne born?", "Port Lumen.")
+    assert again == first and calls.count(PLAIN_TEMPLATE.format(question="Where was Alia Verne born?")) == 1
+
+
 def test_padding_is_masked_and_never_a_label(tokenizer):
     rows = [{"question": "Q?", "answer": "A."}, {"question": "A much longer question here?", "answer": "Yes."}]
     (batch,) = qa_batches(rows, QAFormatter(tokenizer), batch_size=2)

@@ -9,7 +9,7 @@ token does. Sequences are right-padded with the tokenizer's pad token.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class QAFormatter:
 
     tokenizer: object
     max_length: int = 256
+    _prompt_ids: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def prompt(self, question: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -36,13 +37,15 @@ class QAFormatter:
         return PLAIN_TEMPLATE.format(question=question)
 
     def prompt_ids(self, question: str) -> list[int]:
-        text = self.prompt(question)
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if not templated and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return ids
+        """The prompt's token ids (a fresh list; tokenized once per question: TOFU scores up to 7 answers each)."""
+        if question not in self._prompt_ids:
+            templated = bool(getattr(self.tokenizer, "chat_template", None))
+            ids = self.tokenizer(self.prompt(question), add_special_tokens=False)["input_ids"]
+            bos = self.tokenizer.bos_token_id
+            if not templated and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
+            self._prompt_ids[question] = ids
+        return list(self._prompt_ids[question])
 
     def answer_ids(self, answer: str) -> list[int]:
         ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ class Suite:
 
     name = "suite"
 
-    @property
+    @cached_property
     def formatter(self) -> QAFormatter:
         return QAFormatter(self.tokenizer, self.dataset.max_length)
 
