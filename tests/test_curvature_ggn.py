@@ -107,10 +107,14 @@ def test_invariant_to_batch_size_and_padding(setup):
     model, _, names, _ = setup
     seqs = qa_sequences(6, seed=3)
     v = random_vector(model, names, 4)
-    want = GaussNewton(model, batches_of(seqs, 6), names)(v)
-    for batches in (batches_of(seqs, 1), batches_of(seqs, 4), [collate(seqs[:3], width=12), collate(seqs[3:], 15)]):
+    want = flat(GaussNewton(model, batches_of(seqs, 6), names)(v), names)
+    # Extra padding only changes rounding: the products run eager attention, whose softmax Hugging Face takes in
+    # float32 even for a float64 model, and a row padded wider is reduced in another order on some CPUs (2.9e-9 on
+    # an AMD EPYC, 0 elsewhere); float32's own precision bounds it.
+    padded = [collate(seqs[:3], width=12), collate(seqs[3:], 15)]
+    for batches, tol in ((batches_of(seqs, 1), 1e-10), (batches_of(seqs, 4), 1e-10), (padded, 1e-7)):
         got = flat(GaussNewton(model, batches, names)(v), names)
-        assert torch.linalg.norm(got - flat(want, names)) <= 1e-10 * torch.linalg.norm(flat(want, names))
+        assert torch.linalg.norm(got - want) <= tol * torch.linalg.norm(want)
 
 
 def test_output_hessian_product_matches_the_dense_hessian():
