@@ -141,7 +141,7 @@ class FirstOrderMethod:
                             checked = None
                             break
                         last_check = snapshot(model, names)
-                scores = checked if checked is not None else forget_scores(model, data.forget)  # an epoch-end check
+                scores = checked if checked is not None else forget_scores(model, data.forget)  # reuse a last check
                 record = {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "forget_nll": scores.nll,
                           "forget_prob": scores.prob, "retain_kl": probe(model), "optimizer_steps": steps}
                 if stopped is not None:
