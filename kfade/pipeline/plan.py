@@ -153,12 +153,12 @@ def planned_method(config: RunConfig):
     method = config.method
     if getattr(method, "cg_retain_graphs", False) is not None:
         return method
-    possible = (method.solver == "cg" and method.cg_batches is not None and method.ggn_mode != "forward"
-                and config.distributed.strategy != "fsdp" and not config.model.gradient_checkpointing)
-    if possible:
+    keep = (method.solver == "cg" and method.cg_batches is not None and method.ggn_mode != "forward"
+            and config.distributed.strategy != "fsdp" and not config.model.gradient_checkpointing)
+    if keep:  # ... and only where they fit
         info = plan_run(dataclasses.replace(config, method=dataclasses.replace(method, cg_retain_graphs=True)))
-        possible = info["fits"] and (info["gpu"] is not None or info["workload"].device == "cpu")
-    return dataclasses.replace(method, cg_retain_graphs=possible)
+        keep = info["fits"] and (info["gpu"] is not None or info["workload"].device == "cpu")
+    return dataclasses.replace(method, cg_retain_graphs=keep)
 
 
 def _gb(n: float) -> str:
