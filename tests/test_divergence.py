@@ -11,7 +11,7 @@ from scipy.stats import entropy
 
 from kfade.data.formatting import IGNORE_INDEX, QAFormatter, qa_batches
 from kfade.errors import ConfigError
-from kfade.eval.divergence import mean_token_kl
+from kfade.eval.divergence import mean_token_kl, mean_token_kls
 
 ROWS = [{"question": "Where was Alia Verne born?", "answer": "Alia Verne was born in Port Lumen."},
         {"question": "What genre does Tomas Reed write?", "answer": "Mystery novels."},
@@ -81,3 +81,14 @@ def test_batches_without_labels_are_rejected(tokenizer):
     model = make_tiny_llama(tokenizer)
     with pytest.raises(ConfigError, match="no label tokens"):
         mean_token_kl(model, model, [batch])
+
+
+def test_several_references_share_the_models_pass(tokenizer):
+    batches = qa_batches(ROWS, QAFormatter(tokenizer), batch_size=2)
+    references = {"a": make_tiny_llama(tokenizer, seed=0), "b": make_tiny_llama(tokenizer, seed=2)}
+    model = make_tiny_llama(tokenizer, seed=1)
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    got = mean_token_kls(references, model, batches)
+    assert len(passes) == len(batches)  # one pass of the model a batch, not one per reference
+    assert got == {name: mean_token_kl(ref, model, batches) for name, ref in references.items()}

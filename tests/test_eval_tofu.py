@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import kfade.eval.tofu as tofu
 from kfade.data.formatting import QAFormatter
 from kfade.data.tofu import TofuData
 from kfade.errors import ConfigError
@@ -81,8 +82,9 @@ def test_log_values_match_direct_scoring(logs, tokenizer):
     third_perturbed = [r["perturbed_answer"][2] for r in data.retain_perturbed]
     third, _ = answer_losses(model, formatter, questions, third_perturbed)
     np.testing.assert_allclose([p[2] for p in item_values(retain, "average_perturb_loss")], third, rtol=1e-5)
-    for item in range(3):
-        expected = math.exp(paraphrased[item] - np.mean(retain["average_perturb_loss"][str(item)]))
+    for item in range(3):  # R from the log's own losses (they equal the direct ones up to float rounding)
+        expected = math.exp(retain["avg_paraphrased_loss"][str(item)]
+                            - np.mean(retain["average_perturb_loss"][str(item)]))
         assert retain["truth_ratio"][str(item)] == pytest.approx(expected, rel=1e-9)
     # real authors have no paraphrased answer: the answer itself stands in
     real = result["real_authors"]
@@ -129,3 +131,24 @@ def test_missing_perturbed_answers_and_empty_sets_are_config_errors(tiny_model, 
     data.world_facts = []
     with pytest.raises(ConfigError, match="world_facts is empty"):
         evaluate_tofu(tiny_model, tokenizer, data, metrics=("prob",), progress=False)
+
+
+def test_each_set_scores_its_answers_in_one_pass(tokenizer, monkeypatch):
+    """The answer, paraphrase and perturbed answers of a set are scored together (their prompts shared); a set
+    whose metrics read only the answers scores nothing else."""
+    from conftest import make_tiny_llama
+
+    calls = []
+    scored = tofu.grouped_answer_losses
+
+    def counting(model, formatter, questions, groups, *args):
+        calls.append(sum(len(group) for group in groups))
+        return scored(model, formatter, questions, groups, *args)
+
+    monkeypatch.setattr(tofu, "grouped_answer_losses", counting)
+    model, data = make_tiny_llama(tokenizer), tiny_tofu()
+    evaluate_tofu(model, tokenizer, data, metrics=("prob", "truth_ratio"), batch_size=4, progress=False)
+    assert calls == [2 * 5, 3 * 5, 2 * 3, 2 * 3]  # one call a set: answer, paraphrase (not real authors'), perturbed
+    calls.clear()
+    evaluate_tofu(model, tokenizer, data, metrics=("prob",), batch_size=4, progress=False)
+    assert calls == [2, 3, 2 * 3, 2 * 3]  # only normalised probability (real authors, world facts) reads perturbed

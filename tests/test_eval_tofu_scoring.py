@@ -60,3 +60,40 @@ def test_answer_losses_leave_training_mode_and_reject_bad_input(tiny_model, toke
         answer_losses(tiny_model, formatter, QUESTIONS, ANSWERS[:2])
     with pytest.raises(ConfigError, match="max_length"):
         answer_losses(tiny_model, QAFormatter(tokenizer, max_length=4), QUESTIONS[:1], ANSWERS[:1])
+
+
+def test_grouped_losses_run_each_prompt_once(tiny_model, tokenizer):
+    formatter = QAFormatter(tokenizer)
+    groups = [ANSWERS, ANSWERS[:2], ANSWERS[1:]]
+    counts = []  # tokens embedded by each forward pass
+    hook = tiny_model.get_input_embeddings().register_forward_hook(
+        lambda _module, args, _out: counts.append(int(args[0].numel())))
+    try:
+        losses, _ = grouped_answer_losses(tiny_model, formatter, QUESTIONS, groups, batch_size=1)
+        one_by_one = list(counts)
+        counts.clear()
+        shared, _ = grouped_answer_losses(tiny_model, formatter, QUESTIONS, groups, batch_size=32)
+    finally:
+        hook.remove()
+    prompts = [len(formatter.prompt_ids(q)) for q in QUESTIONS]
+    answers = [len(formatter.answer_ids(a)) for group in groups for a in group]
+    # batch_size 1: every answer is its own batch, so each prompt runs once per answer, unpadded
+    assert sum(one_by_one) == sum(p * len(g) for p, g in zip(prompts, groups, strict=True)) + sum(answers)
+    # one batch: each prompt once (left-padded to the longest), then every answer (right-padded)
+    assert counts == [len(QUESTIONS) * max(prompts), len(answers) * max(answers)]
+    for one, many in zip(losses, shared, strict=True):
+        np.testing.assert_allclose(one, many, rtol=1e-5)
+
+
+def test_grouped_losses_truncate_as_answer_losses(tiny_model, tokenizer):
+    question = QUESTIONS[0]
+    room = 3  # answer tokens left after the prompt
+    formatter = QAFormatter(tokenizer, max_length=len(QAFormatter(tokenizer).prompt_ids(question)) + room)
+    losses, counts = grouped_answer_losses(tiny_model, formatter, [question], [ANSWERS], batch_size=2)
+    flat, flat_counts = answer_losses(tiny_model, formatter, [question] * 3, ANSWERS, batch_size=3)
+    np.testing.assert_allclose(losses[0], flat, rtol=1e-5)
+    np.testing.assert_array_equal(counts[0], flat_counts)
+    assert (flat_counts <= room).all()
+    short = QAFormatter(tokenizer, max_length=len(formatter.prompt_ids(question)))
+    with pytest.raises(ConfigError, match="keeps no answer tokens"):
+        grouped_answer_losses(tiny_model, short, [question], [ANSWERS])

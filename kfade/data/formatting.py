@@ -82,6 +82,17 @@ def collate(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, T]`` with each prompt aligned to the right edge."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
 def batched(features: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int,
             shuffle_seed: int | None = None) -> list[dict[str, torch.Tensor]]:
     """Collate features into batches (in order, or shuffled deterministically by ``shuffle_seed``)."""

@@ -1,6 +1,6 @@
 """Evaluation: TOFU metrics and eval logs, divergence to a retrained model."""
 
-from kfade.eval.divergence import mean_token_kl
+from kfade.eval.divergence import mean_token_kl, mean_token_kls
 from kfade.eval.generation import greedy_generate
 from kfade.eval.modes import evaluating
 from kfade.eval.perplexity import perplexity
@@ -20,6 +20,6 @@ from kfade.eval.tofu_stats import (
 __all__ = [
     "EVAL_SETS", "LOG_FILES", "METRICS", "EvalSet", "aggregate_tofu_logs", "answer_losses", "evaluate_tofu",
     "evaluating", "forget_quality", "forget_truth_ratio_score", "greedy_generate", "grouped_answer_losses",
-    "mean_token_kl", "model_utility", "normalized_probabilities", "perplexity", "read_tofu_logs", "register_metric",
-    "rouge_recalls", "truth_ratio_score", "truth_ratios", "write_tofu_logs",
+    "mean_token_kl", "mean_token_kls", "model_utility", "normalized_probabilities", "perplexity", "read_tofu_logs",
+    "register_metric", "rouge_recalls", "truth_ratio_score", "truth_ratios", "write_tofu_logs",
 ]

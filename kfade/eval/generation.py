@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kfade import fsdp
-from kfade.data.formatting import QAFormatter, pad_id
+from kfade.data.formatting import QAFormatter, left_pad, pad_id
 from kfade.eval.modes import evaluating
 from kfade.models.logits import model_device
 
@@ -22,17 +22,6 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     declared = declared if isinstance(declared, list) else [declared]
     return sorted({i for i in [tokenizer.eos_token_id, *declared] if i is not None})
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, T]`` with each prompt aligned to the right edge."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
 
 
 def greedy_generate(model: torch.nn.Module, formatter: QAFormatter, questions: Sequence[str],

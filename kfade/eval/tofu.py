@@ -20,7 +20,7 @@ from kfade.data.formatting import QAFormatter
 from kfade.errors import ConfigError
 from kfade.eval.generation import greedy_generate
 from kfade.eval.modes import evaluating
-from kfade.eval.scoring import answer_losses, grouped_answer_losses
+from kfade.eval.scoring import grouped_answer_losses
 from kfade.eval.tofu_logs import NORMALIZED_PROB_SETS
 from kfade.eval.tofu_stats import normalized_probabilities, rouge_recalls, truth_ratios
 
@@ -32,9 +32,13 @@ EVAL_SETS = {  # eval set name -> TofuData attribute holding its rows
 }
 
 
+LOSS_KINDS = ("answer", "paraphrased", "perturbed")  # the answers of a row whose losses the metrics read
+
+
 @dataclass
 class EvalSet:
-    """One TOFU eval set being scored by ``model``; each kind of per-item loss is computed at most once."""
+    """One TOFU eval set being scored by ``model``. The answer kinds in ``kinds`` are scored together on first use,
+    each question's prompt run once for all its answers (``grouped_answer_losses``); any other kind on demand."""
 
     name: str  # eval set name (a key of EVAL_SETS)
     source: str  # where the rows came from (TofuData.source), named in errors
@@ -44,6 +48,7 @@ class EvalSet:
     batch_size: int  # sequences per forward pass
     max_new_tokens: int  # generation length cap, tokens
     progress: bool  # show tqdm bars
+    kinds: frozenset[str] = frozenset(LOSS_KINDS)  # scored together (``loss_kinds`` of the set's metrics)
 
     @cached_property
     def questions(self) -> list[str]:
@@ -53,36 +58,76 @@ class EvalSet:
     def answers(self) -> list[str]:
         return [row["answer"] for row in self.rows]
 
-    def _losses(self, answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return answer_losses(self.model, self.formatter, self.questions, answers, self.batch_size,
-                             self.progress)
+    def _answers(self, kind: str) -> list[list[str]]:
+        """Each row's answers of ``kind``."""
+        if kind == "answer":
+            return [[answer] for answer in self.answers]
+        if kind == "paraphrased":
+            return [[row["paraphrased_answer"]] for row in self.rows]
+        if not all(row.get("perturbed_answer") for row in self.rows):
+            raise ConfigError("dataset.source", self.source, f"{EVAL_SETS[self.name]} rows lack "
+                              "perturbed_answer lists (needed by truth ratio and normalised probability)")
+        return [list(row["perturbed_answer"]) for row in self.rows]
+
+    def _score(self, kinds: Sequence[str]) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+        """Per kind: each row's answer losses and token counts, every kind in one ``grouped_answer_losses``."""
+        answers = {kind: self._answers(kind) for kind in kinds}
+        groups = [[a for kind in kinds for a in answers[kind][i]] for i in range(len(self.rows))]
+        losses, counts = grouped_answer_losses(self.model, self.formatter, self.questions, groups, self.batch_size,
+                                               self.progress)
+        scored = {kind: ([], []) for kind in kinds}
+        for i, (row_losses, row_counts) in enumerate(zip(losses, counts, strict=True)):
+            start = 0
+            for kind in kinds:
+                end = start + len(answers[kind][i])
+                scored[kind][0].append(row_losses[start:end])
+                scored[kind][1].append(row_counts[start:end])
+                start = end
+        return scored
+
+    @cached_property
+    def _scored(self) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+        return self._score([kind for kind in LOSS_KINDS if kind in self.kinds and self._has(kind)])
+
+    def _has(self, kind: str) -> bool:
+        return kind != "paraphrased" or all("paraphrased_answer" in row for row in self.rows)
+
+    def _losses(self, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if kind not in self._scored:
+            self._scored.update(self._score([kind]))
+        return self._scored[kind]
 
     @cached_property
     def answer_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean token NLL of each answer and its token count."""
-        return self._losses(self.answers)
+        return tuple(np.concatenate(per_row) for per_row in self._losses("answer"))
 
     @cached_property
     def paraphrased_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """As ``answer_losses`` for the paraphrased answers (the answers themselves where there are none)."""
-        if all("paraphrased_answer" in row for row in self.rows):
-            return self._losses([row["paraphrased_answer"] for row in self.rows])
-        return self.answer_losses
+        if not self._has("paraphrased"):
+            return self.answer_losses
+        return tuple(np.concatenate(per_row) for per_row in self._losses("paraphrased"))
 
     @cached_property
     def perturbed_losses(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per item: mean token NLL of each perturbed answer and their token counts."""
-        if not all(row.get("perturbed_answer") for row in self.rows):
-            raise ConfigError("dataset.source", self.source, f"{EVAL_SETS[self.name]} rows lack "
-                              "perturbed_answer lists (needed by truth ratio and normalised probability)")
-        groups = [row["perturbed_answer"] for row in self.rows]
-        return grouped_answer_losses(self.model, self.formatter, self.questions, groups, self.batch_size,
-                                     self.progress)
+        return self._losses("perturbed")
 
     @cached_property
     def generations(self) -> list[str]:
         return greedy_generate(self.model, self.formatter, self.questions, self.max_new_tokens,
                                self.batch_size, self.progress)
+
+
+def loss_kinds(set_name: str, metrics: Sequence[str]) -> frozenset[str]:
+    """The answer kinds whose losses the built-in ``metrics`` read on eval set ``set_name``."""
+    kinds = set()
+    if "prob" in metrics:
+        kinds |= {"answer", "perturbed"} if set_name in NORMALIZED_PROB_SETS else {"answer"}
+    if "truth_ratio" in metrics:
+        kinds |= {"paraphrased", "perturbed"}
+    return frozenset(kinds)
 
 
 Metric = Callable[[EvalSet], dict[str, list]]
@@ -167,7 +212,7 @@ def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
                 raise ConfigError("dataset.source", data.source,
                                   f"{attribute} is empty: TOFU evaluation needs all four eval sets")
             eval_set = EvalSet(set_name, data.source, rows, model, QAFormatter(tokenizer), batch_size,
-                               max_new_tokens, progress)
+                               max_new_tokens, progress, loss_kinds(set_name, metrics))
             logs[set_name] = evaluate_set(eval_set, metrics)
     return logs
 

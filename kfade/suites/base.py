@@ -18,7 +18,7 @@ from kfade.curvature import model_fingerprint
 from kfade.data.config import DatasetConfig
 from kfade.data.formatting import QAFormatter
 from kfade.errors import ConfigError
-from kfade.eval import mean_token_kl
+from kfade.eval import mean_token_kl, mean_token_kls
 from kfade.eval.audits import PRIVLEAK_KEY, run_audits, with_privleak
 from kfade.eval.config import EvalConfig
 from kfade.models.config import NO_BASE_MODEL
@@ -26,7 +26,7 @@ from kfade.models.mini import train_stats
 from kfade.unlearn import UnlearnData
 from kfade.unlearn.losses import with_answer_logprobs
 
-SCORES_VERSION = 3  # bumped when ``score`` gains metrics, so cached baseline scores are recomputed
+SCORES_VERSION = 4  # bumped when ``score`` gains metrics or computes them otherwise: cached baseline scores are redone
 
 
 @dataclass(kw_only=True)
@@ -109,11 +109,12 @@ class Suite:
         """Output-space distances, mean per-token KL in nats over the label tokens of the batches:
         ``kl_retrain/retain`` and ``kl_retrain/forget`` = KL(p_retrain ‖ p_model) (when a retrain model is
         loaded), ``kl_reference/retain`` = KL(p_reference ‖ p_model): how much the retain outputs changed."""
-        metrics = {}
+        references = {"kl_reference/retain": self.reference}
         if self.retrains:
-            for name, batches in (("retain", retain), ("forget", forget)):
-                metrics[f"kl_retrain/{name}"] = mean_token_kl(self.retrains[0], model, batches)
-        metrics["kl_reference/retain"] = mean_token_kl(self.reference, model, retain)
+            references["kl_retrain/retain"] = self.retrains[0]
+        metrics = mean_token_kls(references, model, retain)  # the model's retain logits once for both
+        if self.retrains:
+            metrics["kl_retrain/forget"] = mean_token_kl(self.retrains[0], model, forget)
         return metrics
 
     def cache_key(self) -> dict:
