@@ -152,3 +152,22 @@ def test_each_set_scores_its_answers_in_one_pass(tokenizer, monkeypatch):
     calls.clear()
     evaluate_tofu(model, tokenizer, data, metrics=("prob",), batch_size=4, progress=False)
     assert calls == [2, 3, 2 * 3, 2 * 3]  # only normalised probability (real authors, world facts) reads perturbed
+
+
+def test_suite_scores_at_the_datasets_max_length(tiny_model, tokenizer):
+    """``dataset.max_length`` truncates the scored sequences as it does the unlearning batches."""
+    from kfade.data.config import DatasetConfig
+    from kfade.eval.config import EvalConfig
+    from kfade.suites.tofu import TofuSuite
+
+    data = tiny_tofu()
+    prompts = [len(QAFormatter(tokenizer).prompt_ids(r["question"])) for r in data.retain_perturbed]
+    max_length = max(prompts) + 2
+    suite = TofuSuite(tokenizer=tokenizer, reference=tiny_model, retrains=[], progress=False, data=data,
+                      dataset=DatasetConfig(name="tofu", max_length=max_length),
+                      eval=EvalConfig(metrics=["prob"], batch_size=2))
+    cut = item_values(suite.score(tiny_model)[1]["retain"], "num_token_gt")
+    full = item_values(evaluate_tofu(tiny_model, tokenizer, data, metrics=("prob",), progress=False)["retain"],
+                       "num_token_gt")
+    assert cut == [min(n, max_length - p) for n, p in zip(full, prompts, strict=True)]
+    assert cut != full

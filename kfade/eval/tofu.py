@@ -195,23 +195,25 @@ def rouge_fields(eval_set: EvalSet) -> dict[str, list]:
 
 def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
                   metrics: Sequence[str] = ("prob", "truth_ratio", "rouge"), batch_size: int = 32,
-                  max_new_tokens: int = 48, progress: bool = True) -> dict[str, dict]:
+                  max_new_tokens: int = 48, progress: bool = True, max_length: int = 256) -> dict[str, dict]:
     """TOFU's four eval logs ``{set name: {field: {item index: value}}}`` of ``model`` on ``data`` (TofuData).
 
-    Sets: forget and retain (their ``*_perturbed`` rows), real authors, world facts. The model runs in eval
-    mode without gradients; its training flags are restored afterwards.
+    Sets: forget and retain (their ``*_perturbed`` rows), real authors, world facts; scored sequences are
+    truncated to ``max_length`` tokens (``dataset.max_length``). The model runs in eval mode without gradients;
+    its training flags are restored afterwards.
     """
     for name in metrics:
         if name not in METRICS:
             raise ConfigError("eval.metrics", name, f"unknown metric; known: {', '.join(sorted(METRICS))}")
     logs: dict[str, dict] = {}
+    formatter = QAFormatter(tokenizer, max_length)
     with evaluating(model):
         for set_name, attribute in tqdm(EVAL_SETS.items(), desc="TOFU eval", disable=not progress):
             rows = list(getattr(data, attribute))
             if not rows:
                 raise ConfigError("dataset.source", data.source,
                                   f"{attribute} is empty: TOFU evaluation needs all four eval sets")
-            eval_set = EvalSet(set_name, data.source, rows, model, QAFormatter(tokenizer), batch_size,
+            eval_set = EvalSet(set_name, data.source, rows, model, formatter, batch_size,
                                max_new_tokens, progress, loss_kinds(set_name, metrics))
             logs[set_name] = evaluate_set(eval_set, metrics)
     return logs

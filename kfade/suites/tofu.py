@@ -85,7 +85,8 @@ class TofuSuite(Suite):
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], dict[str, dict]]:
         """Flat TOFU metrics of ``model`` (against the retrain baseline) and its four TOFU eval logs."""
         e = self.eval
-        logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress)
+        logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress,
+                             self.dataset.max_length)
         metrics = aggregate_tofu_logs(logs, self.retrain_logs)
         metrics |= self.divergences(model, self.batches(self.data.retain_perturbed), self.batches(self.data.forget))
         if self.general is not None:
