@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         method = build_method("kfade", {"solver": solver, "step_rule": "fixed", "step_size": 1e-3, "n_steps": 1,
                                         "cg_iters": 2}, curvature=cfg)
         start = time.perf_counter()
-        direction, _ = method.solve(model, curv, grads, data, 1, None, lambda rec: None)
+        direction, _ = method.solver.solve(model, curv, grads, data.fit, 1)
         steps[solver] = timed(lambda: None, device) + time.perf_counter() - start
     peaks = [None] * world
     dist.all_gather_object(peaks, peak_bytes(device))
