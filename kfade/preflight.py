@@ -20,7 +20,6 @@ from kfade.data.wmdp import MCQ_PATTERNS, WMDP_CORPORA, mini_wmdp_dir
 from kfade.errors import ConfigError, require_one_of
 from kfade.eval.audits import TOFU_ONLY
 from kfade.eval.config import EvalConfig
-from kfade.eval.lm_eval_adapter import check_tasks
 from kfade.eval.tofu_logs import LOG_FILES, read_tofu_logs
 from kfade.models.config import ModelConfig
 from kfade.models.load import check_source, resolve_device
@@ -41,10 +40,13 @@ def check_run(model: ModelConfig, dataset: DatasetConfig, eval: EvalConfig) -> t
     if dataset.name in DATA_CHECKS:
         DATA_CHECKS[dataset.name](dataset, directory)
     check_audits(dataset, eval, directory)
-    task_dir = eval.lm_eval_data_dir
-    if task_dir is None and dataset.name == "wmdp":  # the suite scores the source's own question files
-        task_dir = str(directory or mini_wmdp_dir())
-    check_tasks(eval.lm_eval_tasks, task_dir)
+    if eval.lm_eval_tasks or eval.lm_eval_data_dir:  # only then is lm-eval imported (0.5 s)
+        from kfade.eval.lm_eval_adapter import check_tasks
+
+        task_dir = eval.lm_eval_data_dir
+        if task_dir is None and dataset.name == "wmdp":  # the suite scores the source's own question files
+            task_dir = str(directory or mini_wmdp_dir())
+        check_tasks(eval.lm_eval_tasks, task_dir)
     return dataclasses.replace(model, device=device, dtype=dtype), notices
 
 

@@ -6,10 +6,30 @@ from dataclasses import dataclass, field
 
 from kfade.errors import ConfigError, require_range
 from kfade.eval.audits import AUDITS
-from kfade.eval.lm_eval_adapter import LmEvalConfig
 from kfade.eval.quantize import QuantizeConfig
 from kfade.eval.relearn import RelearnConfig
 from kfade.eval.tofu import METRICS
+
+TASKS_KEY, DATA_DIR_KEY = "eval.lm_eval_tasks", "eval.lm_eval_data_dir"
+
+
+@dataclass
+class LmEvalConfig:
+    """The lm-eval part of an ``eval`` config group (scored by ``kfade.eval.lm_eval_adapter``, which imports
+    lm-eval: only runs that score its tasks load it)."""
+
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, e.g. wmdp_bio, mmlu
+    lm_eval_data_dir: str | None = None  # dir of <task>.jsonl question files; None: the tasks' own datasets
+    lm_eval_limit: int | None = None  # questions scored per task; None: all
+    lm_eval_batch_size: int = 16  # sequences per forward pass
+
+    def validate(self) -> None:
+        """Ranges and duplicate names (task names are checked against lm-eval by ``check_tasks``)."""
+        require_range("eval.lm_eval_limit", self.lm_eval_limit, 1, optional=True)
+        require_range("eval.lm_eval_batch_size", self.lm_eval_batch_size, 1)
+        for name in self.lm_eval_tasks:
+            if not name.strip() or self.lm_eval_tasks.count(name) > 1:
+                raise ConfigError(TASKS_KEY, name, "empty or repeated task name")
 
 
 @dataclass

@@ -24,7 +24,6 @@ import functools
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -35,30 +34,12 @@ from lm_eval.tasks._index import Entry, Kind, TaskIndex
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from kfade.cache import atomic_path
-from kfade.errors import ConfigError, require_range
+from kfade.errors import ConfigError
+from kfade.eval.config import DATA_DIR_KEY, TASKS_KEY
 from kfade.eval.modes import evaluating
 
 KFADE_TASKS_DIR = Path(__file__).with_name("tasks")
 REPORTED_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-TASKS_KEY, DATA_DIR_KEY = "eval.lm_eval_tasks", "eval.lm_eval_data_dir"
-
-
-@dataclass
-class LmEvalConfig:
-    """The lm-eval part of an ``eval`` config group."""
-
-    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval task/group names, e.g. wmdp_bio, mmlu
-    lm_eval_data_dir: str | None = None  # dir of <task>.jsonl question files; None: the tasks' own datasets
-    lm_eval_limit: int | None = None  # questions scored per task; None: all
-    lm_eval_batch_size: int = 16  # sequences per forward pass
-
-    def validate(self) -> None:
-        """Ranges and duplicate names (task names are checked against lm-eval by :func:`check_tasks`)."""
-        require_range("eval.lm_eval_limit", self.lm_eval_limit, 1, optional=True)
-        require_range("eval.lm_eval_batch_size", self.lm_eval_batch_size, 1)
-        for name in self.lm_eval_tasks:
-            if not name.strip() or self.lm_eval_tasks.count(name) > 1:
-                raise ConfigError(TASKS_KEY, name, "empty or repeated task name")
 
 
 def evaluate_lm_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, batch_size: int = 16,

@@ -18,7 +18,6 @@ from kfade.data.formatting import evenly_spaced, text_batches
 from kfade.data.wmdp import WmdpData, load_wmdp
 from kfade.errors import ConfigError
 from kfade.eval.config import EvalConfig
-from kfade.eval.lm_eval_adapter import evaluate_lm_tasks
 from kfade.eval.relearn import attack_split
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
@@ -58,9 +57,12 @@ class WmdpSuite(Suite):
                            forget_split="forget_corpora")
 
     def score(self, model: torch.nn.Module) -> tuple[dict[str, float], None]:
-        e = self.eval
-        metrics = evaluate_lm_tasks(model, self.tokenizer, e.lm_eval_tasks, e.lm_eval_data_dir or self.data.mcq_dir,
-                                    e.lm_eval_batch_size, e.lm_eval_limit) if e.lm_eval_tasks else {}
+        e, metrics = self.eval, {}
+        if e.lm_eval_tasks:
+            from kfade.eval.lm_eval_adapter import evaluate_lm_tasks  # lm-eval is imported by runs that use it
+
+            metrics = evaluate_lm_tasks(model, self.tokenizer, e.lm_eval_tasks, e.lm_eval_data_dir or self.data.mcq_dir,
+                                        e.lm_eval_batch_size, e.lm_eval_limit)
         forget_side = [metrics[f"{task}/acc"] for task in e.lm_eval_tasks if "wmdp" in task]
         if forget_side:  # the hazardous-knowledge accuracy in one number (audits: relearn/wmdp/acc, quant4/…)
             metrics["wmdp/acc"] = sum(forget_side) / len(forget_side)
