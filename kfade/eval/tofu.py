@@ -8,8 +8,8 @@ recalls. Losses are computed once per set and shared between metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -37,8 +37,8 @@ LOSS_KINDS = ("answer", "paraphrased", "perturbed")  # the answers of a row whos
 
 @dataclass
 class EvalSet:
-    """One TOFU eval set being scored by ``model``. The answer kinds in ``kinds`` are scored together on first use,
-    each question's prompt run once for all its answers (``grouped_answer_losses``); any other kind on demand."""
+    """One TOFU eval set being scored by ``model``; each kind of answer loss is computed at most once, the kinds
+    passed to ``score_together`` in one pass that runs each question's prompt once (``grouped_answer_losses``)."""
 
     name: str  # eval set name (a key of EVAL_SETS)
     source: str  # where the rows came from (TofuData.source), named in errors
@@ -48,7 +48,7 @@ class EvalSet:
     batch_size: int  # sequences per forward pass
     max_new_tokens: int  # generation length cap, tokens
     progress: bool  # show tqdm bars
-    kinds: frozenset[str] = frozenset(LOSS_KINDS)  # scored together (``loss_kinds`` of the set's metrics)
+    _scored: dict = field(default_factory=dict, init=False, repr=False)  # kind -> per-row (losses, counts)
 
     @cached_property
     def questions(self) -> list[str]:
@@ -85,16 +85,18 @@ class EvalSet:
                 start = end
         return scored
 
-    @cached_property
-    def _scored(self) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
-        return self._score([kind for kind in LOSS_KINDS if kind in self.kinds and self._has(kind)])
+    def score_together(self, kinds: Iterable[str]) -> None:
+        """Score the answers of those ``kinds`` not scored yet (and present in the rows) in one pass."""
+        kinds = set(kinds)
+        todo = [kind for kind in LOSS_KINDS if kind in kinds and kind not in self._scored and self._has(kind)]
+        if todo:
+            self._scored |= self._score(todo)
 
     def _has(self, kind: str) -> bool:
         return kind != "paraphrased" or all("paraphrased_answer" in row for row in self.rows)
 
     def _losses(self, kind: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        if kind not in self._scored:
-            self._scored.update(self._score([kind]))
+        self.score_together([kind])
         return self._scored[kind]
 
     @cached_property
@@ -121,7 +123,8 @@ class EvalSet:
 
 
 def loss_kinds(set_name: str, metrics: Sequence[str]) -> frozenset[str]:
-    """The answer kinds whose losses the built-in ``metrics`` read on eval set ``set_name``."""
+    """The answer kinds whose losses the built-in ``metrics`` read on eval set ``set_name`` (``evaluate_set`` scores
+    them together)."""
     kinds = set()
     if "prob" in metrics:
         kinds |= {"answer", "perturbed"} if set_name in NORMALIZED_PROB_SETS else {"answer"}
@@ -195,18 +198,20 @@ def rouge_fields(eval_set: EvalSet) -> dict[str, list]:
 
 def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
                   metrics: Sequence[str] = ("prob", "truth_ratio", "rouge"), batch_size: int = 32,
-                  max_new_tokens: int = 48, progress: bool = True, max_length: int = 256) -> dict[str, dict]:
+                  max_new_tokens: int = 48, progress: bool = True,
+                  formatter: QAFormatter | None = None) -> dict[str, dict]:
     """TOFU's four eval logs ``{set name: {field: {item index: value}}}`` of ``model`` on ``data`` (TofuData).
 
-    Sets: forget and retain (their ``*_perturbed`` rows), real authors, world facts; scored sequences are
-    truncated to ``max_length`` tokens (``dataset.max_length``). The model runs in eval mode without gradients;
-    its training flags are restored afterwards.
+    Sets: forget and retain (their ``*_perturbed`` rows), real authors, world facts. ``formatter`` (default
+    ``QAFormatter(tokenizer)``) prompts and truncates the scored sequences: a suite passes its own, at
+    ``dataset.max_length``. The model runs in eval mode without gradients; its training flags are restored
+    afterwards.
     """
     for name in metrics:
         if name not in METRICS:
             raise ConfigError("eval.metrics", name, f"unknown metric; known: {', '.join(sorted(METRICS))}")
     logs: dict[str, dict] = {}
-    formatter = QAFormatter(tokenizer, max_length)
+    formatter = formatter or QAFormatter(tokenizer)
     with evaluating(model):
         for set_name, attribute in tqdm(EVAL_SETS.items(), desc="TOFU eval", disable=not progress):
             rows = list(getattr(data, attribute))
@@ -214,7 +219,7 @@ def evaluate_tofu(model: torch.nn.Module, tokenizer, data,
                 raise ConfigError("dataset.source", data.source,
                                   f"{attribute} is empty: TOFU evaluation needs all four eval sets")
             eval_set = EvalSet(set_name, data.source, rows, model, formatter, batch_size,
-                               max_new_tokens, progress, loss_kinds(set_name, metrics))
+                               max_new_tokens, progress)
             logs[set_name] = evaluate_set(eval_set, metrics)
     return logs
 
@@ -223,6 +228,7 @@ def evaluate_set(eval_set: EvalSet, metrics: Sequence[str]) -> dict[str, dict]:
     """One eval set's log ``{field: {item index: value}}`` with the registered ``metrics``."""
     log: dict[str, dict] = {}
     with evaluating(eval_set.model):
+        eval_set.score_together(loss_kinds(eval_set.name, metrics))
         for name in metrics:
             for field, values in METRICS[name](eval_set).items():
                 log[field] = {str(i): value for i, value in enumerate(values)}

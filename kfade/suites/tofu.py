@@ -24,7 +24,7 @@ from kfade.errors import ConfigError
 from kfade.eval import aggregate_tofu_logs, evaluate_tofu, mean_token_kl, perplexity, read_tofu_logs, write_tofu_logs
 from kfade.eval.config import EvalConfig
 from kfade.eval.relearn import attack_split
-from kfade.eval.tofu import EvalSet, evaluate_set, loss_kinds
+from kfade.eval.tofu import EvalSet, evaluate_set
 from kfade.eval.tofu_logs import item_subset
 from kfade.models.config import ModelConfig
 from kfade.suites.base import Suite
@@ -86,7 +86,7 @@ class TofuSuite(Suite):
         """Flat TOFU metrics of ``model`` (against the retrain baseline) and its four TOFU eval logs."""
         e = self.eval
         logs = evaluate_tofu(model, self.tokenizer, self.data, e.metrics, e.batch_size, e.max_new_tokens, self.progress,
-                             self.dataset.max_length)
+                             self.formatter)
         metrics = aggregate_tofu_logs(logs, self.retrain_logs)
         metrics |= self.divergences(model, self.batches(self.data.retain_perturbed), self.batches(self.data.forget))
         if self.general is not None:
@@ -111,9 +111,8 @@ class TofuSuite(Suite):
         ratios on the same items) of the forget eval rows ``target``."""
         e = self.eval
         rows = [self.data.forget_perturbed[i] for i in target]
-        metrics = ["prob", "truth_ratio"]
         log = evaluate_set(EvalSet("forget", self.data.source, rows, model, self.formatter, e.batch_size,
-                                   e.max_new_tokens, self.progress, loss_kinds("forget", metrics)), metrics)
+                                   e.max_new_tokens, self.progress), ["prob", "truth_ratio"])
         retrain = None if self.retrain_logs is None else {"forget": item_subset(self.retrain_logs["forget"], target)}
         return aggregate_tofu_logs({"forget": log}, retrain)
 
