@@ -13,7 +13,7 @@ from kfade.curvature import CurvatureConfig, fit_curvature
 from kfade.curvature.config import DEFAULT_MODULES
 from kfade.errors import ConfigError
 from kfade.pipeline import load_config, run
-from kfade.pipeline.plan import planned_method
+from kfade.pipeline.plan import plan_run, planned_method
 from kfade.plan import (
     GB,
     MemoryConfig,
@@ -195,6 +195,20 @@ def test_retained_graphs_are_planned_and_kept_only_where_they_fit(llama2):
                 ["method.cg_retain_graphs=false"], ["memory.cpu_gb=0.001"]):
         assert planned(*off) is False, off
     assert planned("method.cg_retain_graphs=true", "memory.cpu_gb=0.001") is True
+
+
+def test_retaining_every_fitting_batchs_graphs_is_planned_from_the_fit_budget_or_refused():
+    """``cg_retain_graphs: true`` with ``cg_batches: null`` keeps a graph per fitting batch: the plan counts
+    ``dataset.fit_max_batches`` of them; with no such budget it cannot count them, and says so in one line."""
+    def workload(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["logger=none", "method.cg_retain_graphs=true",
+                                                           "method.cg_batches=null", *overrides])
+        return plan_run(load_config(cfg))["workload"]
+
+    assert workload("dataset.fit_max_batches=20").retained_graphs == 20
+    with pytest.raises(ConfigError, match=r"^method\.cg_retain_graphs=True: .*dataset\.fit_max_batches"):
+        workload()
 
 
 def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):

@@ -108,7 +108,7 @@ def workload(config: RunConfig, model: ModelConfig, device: str, arch: Architect
     kind = "kfade" if config.uses_curvature else "first_order"
     return Workload(method=kind, estimator=config.curvature.estimator, mc_samples=config.curvature.mc_samples,
                     weight_copies=tuple(copies), trained_params=trained, forget_targets=method.uses_forget_targets(),
-                    **common, **method.plan_fields())
+                    **common, **method.plan_fields(config.dataset.fit_max_batches))
 
 
 def plan_run(config: RunConfig) -> dict:

@@ -88,8 +88,9 @@ class MethodConfig:
         """Regex (``re.search``) of the parameter names the method updates; None: every parameter."""
         return None
 
-    def plan_fields(self) -> dict:
-        """``kfade.plan.Workload`` fields this config decides (e.g. K-FADE's solver and its vectors' dtype)."""
+    def plan_fields(self, fit_batches: int | None = None) -> dict:
+        """``kfade.plan.Workload`` fields this config decides (e.g. K-FADE's solver and its vectors' dtype);
+        ``fit_batches``: the most fitting batches the run keeps (``dataset.fit_max_batches``; None: unbounded)."""
         return {}
 
 

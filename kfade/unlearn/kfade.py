@@ -124,8 +124,14 @@ class KFadeConfig(MethodConfig):
         """The most steps a run takes: ``max_steps``, or ``n_steps`` when it is None (never split)."""
         return self.max_steps or self.n_steps
 
-    def plan_fields(self) -> dict:
-        retained = self.cg_batches if self.solver == "cg" and self.cg_retain_graphs and self.cg_batches else 0
+    def plan_fields(self, fit_batches: int | None = None) -> dict:
+        retained = 0
+        if self.solver == "cg" and self.cg_retain_graphs:  # cg_batches null: every fitting batch's graphs
+            retained = self.cg_batches or fit_batches
+            if retained is None:
+                raise ConfigError("method.cg_retain_graphs", self.cg_retain_graphs,
+                                  "with method.cg_batches null it keeps the graphs of every fitting batch, more than "
+                                  "the memory plan can count: set method.cg_batches or dataset.fit_max_batches")
         return {"solver": self.solver, "cg_dtype": self.cg_dtype, "cg_offload": self.cg_offload,
                 "retained_graphs": retained}
 
