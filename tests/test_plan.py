@@ -199,16 +199,17 @@ def test_retained_graphs_are_planned_and_kept_only_where_they_fit(llama2):
 
 def test_retaining_every_fitting_batchs_graphs_is_planned_from_the_fit_budget_or_refused():
     """``cg_retain_graphs: true`` with ``cg_batches: null`` keeps a graph per fitting batch: the plan counts
-    ``dataset.fit_max_batches`` of them; with no such budget it cannot count them, and says so in one line."""
-    def workload(*overrides):
+    ``dataset.fit_max_batches`` of them; with no such budget it cannot count them, and the config is refused in one
+    line when it is loaded (before any work)."""
+    def config(*overrides):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(config_name="config", overrides=["logger=none", "method.cg_retain_graphs=true",
                                                            "method.cg_batches=null", *overrides])
-        return plan_run(load_config(cfg))["workload"]
+        return load_config(cfg)
 
-    assert workload("dataset.fit_max_batches=20").retained_graphs == 20
+    assert plan_run(config("dataset.fit_max_batches=20"))["workload"].retained_graphs == 20
     with pytest.raises(ConfigError, match=r"^method\.cg_retain_graphs=True: .*dataset\.fit_max_batches"):
-        workload()
+        config()
 
 
 def test_a_hub_id_that_is_not_local_is_one_error_naming_model_path(tmp_path):

@@ -102,6 +102,8 @@ def load_config(cfg: Mapping) -> RunConfig:
                        sharing)
     if method is not None and method.uses_forget_targets() and not model.knows_base:
         raise ConfigError("model.base_path", None, NO_BASE_MODEL)
+    if method is not None:  # what the memory plan could not count fails here, before any work
+        method.plan_fields(dataset.fit_max_batches)
     if sharing.strategy == "fsdp":
         check_sharded(config)
     if not options.dry_run:
