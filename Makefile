@@ -3,6 +3,8 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
+# make test's pytest-xdist processes, one thread each (docs/performance.md: faster than one at two threads)
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
@@ -23,8 +25,8 @@ demo: $(VENV)/.installed  ## the main job on the embedded mini-TOFU benchmark
 compare: $(VENV)/.installed  ## every method at matched forget P̄, both regimes: make compare [DIR=...] [ARGS="k=v ..."]
 	PY=$(PY) experiments/sweeps/compare.sh $(or $(DIR),multirun/compare/$$(date +%Y-%m-%d_%H-%M-%S)) $(ARGS)
 
-test: $(VENV)/.installed  ## the test suite (CPU, a few minutes)
-	$(PY) -m pytest tests
+test: $(VENV)/.installed  ## the test suite (CPU, a few minutes): TEST_WORKERS pytest-xdist workers, one thread each
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
