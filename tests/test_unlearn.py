@@ -386,6 +386,21 @@ def test_early_stop_is_exact_to_the_check_interval(every, trained, data):
     assert history[-1]["forget_prob"] == pytest.approx(target, rel=5e-3)
 
 
+def test_the_default_check_interval_is_about_four_checks_an_epoch(trained, tokenizer):
+    """``check_every`` null: a check (a pass over the whole forget set) every ⌈forget batches / 4⌉ optimizer steps,
+    so every step on the mini benchmarks' 4 batches and every 25 on TOFU forget10's 100; the interval used is in
+    the last record."""
+    assert [first_order.check_interval(GradDiffConfig(), n) for n in (1, 4, 5, 8, 100)] == [1, 1, 2, 2, 25]
+    assert first_order.check_interval(GradDiffConfig(check_every=3), 100) == 3
+    data = UnlearnData(forget=batches(tokenizer, FORGET, 1), retain=batches(tokenizer, RETAIN, 1))  # 8 batches
+    cfg = {"epochs": 20, "lr": 1e-3, "target_forget_prob": 0.4 * mean_answer_prob(trained, data.forget)}
+    records = []
+    history = build_method("grad_ascent", cfg).run(copy.deepcopy(trained), data, log=records.append)
+    steps = [step for step, _ in checks_of(records)]
+    assert steps == list(range(2, steps[-1] + 1, 2)) and len(steps) > 1
+    assert history[-1]["check_every"] == 2 and history[-1]["target_reached"]
+
+
 def test_a_check_ending_the_epoch_scores_it(trained, data, monkeypatch):
     """An epoch whose last optimizer step was checked reports that check's P̄ with no further pass over the forget
     set: one scoring pass at the start and one per check."""
