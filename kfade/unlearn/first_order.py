@@ -81,8 +81,8 @@ class FirstOrderMethod:
     applied (record ``stopped``: ``"non-finite loss"`` or ``"non-finite gradient in <parameter>"``). With
     ``target_forget_prob`` (module docstring) each check is logged as ``{"check/step", "check/forget_prob"}``, the
     last record has ``target_reached``, ``check_every`` (the interval used) and, once reached, ``interval_fraction``
-    (α of the bisected interval); a
-    start already at or below the target trains nothing (``skipped`` in the epoch-0 record).
+    (α of the bisected interval); a start already at or below the target trains nothing (``skipped`` in the
+    epoch-0 record).
     ``timings["unlearn_s"]``: wall time of the whole run.
     """
 
