@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import composed
 from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, PhiConfig, PhiForCausalLM
 
@@ -202,10 +203,8 @@ def test_retaining_every_fitting_batchs_graphs_is_planned_from_the_fit_budget_or
     ``dataset.fit_max_batches`` of them; with no such budget it cannot count them, and the config is refused in one
     line when it is loaded (before any work)."""
     def config(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["logger=none", "method.cg_retain_graphs=true",
-                                                           "method.cg_batches=null", *overrides])
-        return load_config(cfg)
+        return load_config(composed("logger=none", "method.cg_retain_graphs=true", "method.cg_batches=null",
+                                    *overrides))
 
     assert plan_run(config("dataset.fit_max_batches=20"))["workload"].retained_graphs == 20
     with pytest.raises(ConfigError, match=r"^method\.cg_retain_graphs=True: .*dataset\.fit_max_batches"):

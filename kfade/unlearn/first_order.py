@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kfade.errors import ConfigError
+from kfade.errors import ConfigError, require_range
 from kfade.models.params import requires_grad_only
 from kfade.unlearn.base import (
     Batch,
@@ -53,8 +53,7 @@ class FirstOrderConfig(MethodConfig):
 
     def validate(self) -> None:
         require_positive(self, "epochs", "lr")
-        if self.check_every is not None:
-            require_positive(self, "check_every")
+        require_range("method.check_every", self.check_every, 0, open_low=True, optional=True)
         require_nonnegative(self, "weight_decay")
         if self.target_forget_prob is not None and not 0 < self.target_forget_prob < 1:
             raise ConfigError("method.target_forget_prob", self.target_forget_prob, "must be in (0, 1), or null")
